@@ -1,0 +1,1 @@
+"""glmjax: pretrain GLM-family language models in JAX."""
