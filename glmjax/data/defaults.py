@@ -6,11 +6,16 @@ import ml_collections
 
 def data_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    c.task = "stdlib"  # name of a registered seqio Task or Mixture; "stdlib" = the embedded default corpus
+    # What to train on: "stdlib" (the embedded default corpus), "text:GLOB", "jsonl:GLOB@field",
+    # "tfds:name@field", a mixture "stdlib=0.7;text:/d/*.txt=0.3", or a registered seqio Task/Mixture.
+    c.task = "stdlib"
     c.tokenizer = ""  # path to a SentencePiece model; "" = train one from the task's text and cache it
     c.cache_dir = ""  # where trained tokenizers are cached; "" = ~/.cache/glmjax
-    c.shuffle_buffer = 1024
+    c.tokenizer_sample_chars = 3_000_000  # characters of training text the tokenizer is trained on
+    c.validation_fraction = 0.05  # share of files (JSONL: lines) held out as the validation split
+    c.shuffle_buffer = 1024  # examples (chunks) shuffled together after the objective, train split only
     c.prefetch = 2  # batches prepared ahead by the prefetch thread
+    c.pack = True  # pack several examples per row (False: one example per row, padded)
     return c
 
 
@@ -21,8 +26,8 @@ def objective_config() -> ml_collections.ConfigDict:
     c.mask = 0.0  # [MASK]: Poisson spans
     c.smask = 0.0  # [sMASK]: whole sentences
     c.gmask = 0.0  # [gMASK]: one suffix span
-    c.mask_ratio = 0.15
-    c.poisson_lambda = 3.0
-    c.gmask_min_ratio = 0.5
+    c.mask_ratio = 0.15  # [MASK]/[sMASK]: share of a chunk's tokens covered by spans
+    c.poisson_lambda = 3.0  # [MASK]: span lengths ~ max(1, Poisson(lambda))
+    c.gmask_min_ratio = 0.5  # [gMASK]: the suffix is uniform in [min, max] of the chunk
     c.gmask_max_ratio = 1.0
     return c

@@ -1,0 +1,182 @@
+"""The input pipeline the training loop consumes: per-host batches, deterministic and resumable.
+
+``make_pipeline(cfg, "train")`` gives an endless iterator of this process's share of each global
+batch (``cfg.batch_size // process_count`` rows of ``cfg.seq_len``), shuffled by ``cfg.seed``;
+``"validation"`` is unshuffled and repeats, so a fresh validation pipeline always yields the same
+batches. ``to_global`` assembles the hosts' batches into global ``jax.Array``s.
+
+Determinism and resumption: the batches are a pure function of (config, split, process index and
+count). ``get_state()`` records how many batches this host consumed; ``set_state()`` rebuilds the
+pipeline and skips that many batches (computed, not read from disk: restoring after N batches costs
+about N batches of input work, which the pipeline does many times faster than training uses them).
+
+A daemon thread keeps ``data.prefetch`` batches ready; ``wait_seconds`` is the time ``__next__``
+spent blocked on it (the step waiting for input).
+"""
+from __future__ import annotations
+
+import queue
+import threading
+import time
+
+import jax
+import numpy as np
+import seqio
+import tensorflow as tf
+
+from glmjax.data import tasks
+from glmjax.data.features import MODEL_FEATURES, GLMFeatureConverter
+from glmjax.data.vocab import get_vocabulary
+
+_STATE_VERSION = 1
+
+try:  # the input pipeline must never take GPU memory from JAX
+    tf.config.set_visible_devices([], "GPU")
+except RuntimeError:  # TF already initialised its devices; nothing to do
+    pass
+
+
+def _local_batch_size(cfg, process_count: int) -> int:
+    if cfg.batch_size % process_count:
+        raise ValueError(
+            f"batch_size={cfg.batch_size} is not divisible by the {process_count} processes: each host "
+            f"feeds an equal share. Fix: a batch_size that is a multiple of {process_count}."
+        )
+    return cfg.batch_size // process_count
+
+
+def build_dataset(cfg, split: str, process_index: int, process_count: int, skip_batches: int = 0) -> tf.data.Dataset:
+    """The tf.data pipeline of this host's batches (dict of ``[local_batch, seq_len]`` arrays)."""
+    if split not in ("train", "validation"):
+        raise ValueError(f"split must be 'train' or 'validation', got {split!r}")
+    voc = get_vocabulary(cfg)
+    name = tasks.register(cfg, voc)
+    lengths = {k: int(cfg.seq_len) for k in tasks.FEATURES}
+    provider = seqio.get_mixture_or_task(name)
+    ds = provider.get_dataset(
+        sequence_length=lengths, split=split, shuffle=(split == "train"), seed=int(cfg.seed),
+        shard_info=seqio.ShardInfo(process_index, process_count), num_epochs=None)
+    ds = GLMFeatureConverter(pack=bool(cfg.data.pack))(ds, lengths)
+    ds = ds.batch(_local_batch_size(cfg, process_count), drop_remainder=True)
+    if skip_batches:
+        ds = ds.skip(skip_batches)
+    options = tf.data.Options()
+    options.deterministic = True
+    return ds.with_options(options).prefetch(tf.data.AUTOTUNE)
+
+
+class _Prefetcher:
+    """A daemon thread moving items of ``iterator`` into a bounded queue."""
+
+    _DONE = object()
+
+    def __init__(self, iterator, size: int):
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, size))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(iterator,), daemon=True, name="glmjax-prefetch")
+        self._thread.start()
+
+    def _put(self, item) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self, iterator):
+        try:
+            for item in iterator:
+                if not self._put(item):
+                    return
+            self._put(self._DONE)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the consumer
+            self._put(e)
+
+    def get(self):
+        item = self._queue.get()
+        if item is self._DONE:
+            self._queue.put(item)
+            raise StopIteration
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def close(self):
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+
+class Pipeline:
+    """Iterator of this host's batches; see the module docstring."""
+
+    def __init__(self, cfg, split: str, process_index: int, process_count: int):
+        self.cfg, self.split = cfg, split
+        self.process_index, self.process_count = process_index, process_count
+        self.local_batch_size = _local_batch_size(cfg, process_count)
+        self.wait_seconds = 0.0  # time __next__ spent blocked on the prefetch queue
+        self._consumed = 0
+        self._prefetcher: _Prefetcher | None = None
+        self._start(0)
+
+    def _start(self, skip: int):
+        if self._prefetcher is not None:
+            self._prefetcher.close()
+        ds = build_dataset(self.cfg, self.split, self.process_index, self.process_count, skip)
+        self._prefetcher = _Prefetcher(ds.as_numpy_iterator(), int(self.cfg.data.prefetch))
+        self._consumed = skip
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        t0 = time.perf_counter()
+        batch = self._prefetcher.get()
+        self.wait_seconds += time.perf_counter() - t0
+        self._consumed += 1
+        return batch
+
+    @property
+    def batches_consumed(self) -> int:
+        return self._consumed
+
+    def get_state(self) -> dict:
+        """JSON-serialisable position of this host's iterator."""
+        return dict(version=_STATE_VERSION, split=self.split, batches=self._consumed, seed=int(self.cfg.seed),
+                    process_index=self.process_index, process_count=self.process_count,
+                    task=str(self.cfg.data.task), batch_size=int(self.cfg.batch_size), seq_len=int(self.cfg.seq_len))
+
+    def set_state(self, state: dict) -> None:
+        """Continues with exactly the batches the uninterrupted iterator would give after ``state``."""
+        mine = self.get_state()
+        for key in ("version", "split", "process_count", "batch_size", "seq_len", "seed", "task"):
+            if state.get(key) != mine[key]:
+                raise ValueError(
+                    f"data iterator state has {key}={state.get(key)!r} but this run has {mine[key]!r}: the "
+                    "saved position means nothing in a different stream. Fix: resume with the same data "
+                    "settings and process count, or start the data from scratch (do not restore 'data')."
+                )
+        self._start(int(state["batches"]))
+
+    def close(self) -> None:
+        if self._prefetcher is not None:
+            self._prefetcher.close()
+            self._prefetcher = None
+
+
+def make_pipeline(cfg, split: str, *, process_index: int | None = None, process_count: int | None = None) -> Pipeline:
+    """This host's batch iterator for ``split`` ('train' or 'validation')."""
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index={process_index} is not in [0, process_count={process_count})")
+    return Pipeline(cfg, split, process_index, process_count)
+
+
+def to_global(batch: dict[str, np.ndarray], sharding: jax.sharding.NamedSharding) -> dict[str, jax.Array]:
+    """Assembles every host's local batch into global arrays sharded over the batch dimension."""
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
+
+
+__all__ = ["MODEL_FEATURES", "Pipeline", "build_dataset", "make_pipeline", "to_global"]
