@@ -1,0 +1,273 @@
+"""The run configuration: defaults, loading a config file, ``--config.a.b=value`` overrides, validation.
+
+The config is the single source of truth of a run. Config files under ``configs/`` are Python files with
+a ``get_config()`` returning an ``ml_collections.ConfigDict`` built on :func:`base_config`. Every dotted
+name in :func:`base_config` is a public contract (docs, tests and users rely on it).
+
+:func:`validate` checks everything that can be checked without compiling and raises :class:`ConfigError`
+with what is wrong, why, and how to fix it.
+"""
+from __future__ import annotations
+
+import ast
+import difflib
+import importlib.util
+import math
+import os
+
+import ml_collections
+
+from glmjax.data.defaults import data_config, objective_config
+
+NORMS = ("deepnorm", "rmsnorm_pre")
+MLPS = ("geglu", "swiglu")
+ATTENTION_IMPLS = ("xla", "pallas", "cudnn", "auto")
+REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims")
+SCHEDULES = ("cosine", "linear", "constant")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class ConfigError(ValueError):
+    """A config value is wrong. The message names the key, the problem and the fix."""
+
+
+def model_config() -> ml_collections.ConfigDict:
+    m = ml_collections.ConfigDict()
+    m.num_layers = 2
+    m.hidden_size = 128
+    m.num_heads = 4
+    m.num_kv_heads = 4  # < num_heads: grouped-query attention
+    m.head_dim = 32
+    m.mlp_dim = 512  # width of each of the gate / up halves of the gated MLP
+    m.vocab_size = 2048
+    m.norm = "rmsnorm_pre"  # deepnorm (GLM-130B post-LN) | rmsnorm_pre (GLM-4)
+    m.norm_eps = 1e-5
+    m.mlp = "swiglu"  # geglu | swiglu
+    m.rope_2d = False  # 2D rotary: second half of the rotary dims rotates by block positions
+    m.rope_theta = 10000.0
+    m.qkv_bias = True
+    m.attention_impl = "xla"  # xla | pallas | cudnn | auto
+    m.dtype = "float32"  # compute dtype
+    m.param_dtype = "float32"  # master weights
+    m.remat = "none"  # none | full | dots | dots_with_no_batch_dims
+    m.scan_layers = True  # one compiled layer, scanned: compile time does not grow with depth
+    m.embedding_grad_shrink = 1.0  # GLM-130B: 0.1 (the embedding gradient is scaled by this)
+    m.tie_embeddings = False
+    m.init_std = 0.02
+    return m
+
+
+def optimizer_config() -> ml_collections.ConfigDict:
+    o = ml_collections.ConfigDict()
+    o.lr = 3e-4  # peak learning rate
+    o.warmup_steps = 100
+    o.schedule = "cosine"  # cosine | linear | constant (after warmup)
+    o.min_lr_ratio = 0.1  # final lr = lr * min_lr_ratio for cosine / linear
+    o.weight_decay = 0.1  # decoupled (AdamW); applied to matrices only, not to norms and biases
+    o.b1 = 0.9
+    o.b2 = 0.95
+    o.eps = 1e-8
+    o.grad_clip = 1.0  # global-norm clipping; 0 disables
+    o.grad_accum_steps = 1  # micro-batches per step; batch_size must divide by data-parallel size * this
+    return o
+
+
+def mesh_config() -> ml_collections.ConfigDict:
+    m = ml_collections.ConfigDict()
+    m.data = -1  # -1 = all devices not used by the other axes
+    m.fsdp = 1
+    m.tensor = 1
+    return m
+
+
+def checkpoint_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.every = 500  # steps between saves; 0 = only the final save
+    c.keep = 3  # latest checkpoints kept (the best by eval loss is kept as well)
+    return c
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Every key a run understands, with its default. Config files start from this."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.steps = 1000
+    c.batch_size = 32  # global, in sequences
+    c.seq_len = 512
+    c.log_every = 10
+    c.eval_every = 100  # 0 = no eval
+    c.eval_steps = 10
+    c.mesh = mesh_config()
+    c.model = model_config()
+    c.optimizer = optimizer_config()
+    c.checkpoint = checkpoint_config()
+    c.data = data_config()
+    c.objective = objective_config()
+    return c
+
+
+def load_config(path: str, overrides: list[str] | tuple[str, ...] = ()) -> ml_collections.ConfigDict:
+    """Load ``path`` (a Python file with ``get_config()``) and apply ``--config.a.b=value`` overrides."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path!r} does not exist: pass --config=configs/<name>.py "
+                          f"(see the configs/ folder for the presets)")
+    spec = importlib.util.spec_from_file_location("_glmjax_user_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"config file {path!r} has no get_config(): define `def get_config():` "
+                          f"returning glmjax.config.base_config() with your changes")
+    cfg = module.get_config()
+    for item in overrides:
+        apply_override(cfg, item)
+    return cfg
+
+
+def apply_override(cfg: ml_collections.ConfigDict, item: str) -> None:
+    """Apply one ``--config.a.b=value`` (or ``a.b=value``) override in place, typed like the default."""
+    text = item[2:] if item.startswith("--") else item
+    if text.startswith("config."):
+        text = text[len("config."):]
+    if "=" not in text:
+        raise ConfigError(f"override {item!r} has no value: write it as --config.{text}=VALUE")
+    key, raw = text.split("=", 1)
+    parent, name = _lookup_parent(cfg, key)
+    old = parent[name]
+    parent[name] = _coerce(key, raw, old)
+
+
+def _lookup_parent(cfg, key: str):
+    parts = key.split(".")
+    node = cfg
+    for depth, part in enumerate(parts):
+        keys = list(node.keys())
+        if part not in keys:
+            prefix = ".".join(parts[:depth])
+            hint = difflib.get_close_matches(part, keys, n=1)
+            fix = f"did you mean {'.'.join(filter(None, [prefix, hint[0]]))!r}?" if hint else (
+                f"valid keys{' under ' + prefix if prefix else ''}: {', '.join(sorted(keys))}")
+            raise ConfigError(f"unknown config key {key!r}: {part!r} is not a field of the config; {fix}")
+        if depth < len(parts) - 1:
+            node = node[part]
+            if not isinstance(node, ml_collections.ConfigDict):
+                raise ConfigError(f"unknown config key {key!r}: {'.'.join(parts[:depth + 1])!r} is a value, "
+                                  f"not a section")
+    return node, parts[-1]
+
+
+def _coerce(key: str, raw: str, old):
+    if isinstance(old, bool):
+        low = raw.lower()
+        if low in ("true", "1", "yes"):
+            return True
+        if low in ("false", "0", "no"):
+            return False
+        raise ConfigError(f"config key {key!r} is a bool but got {raw!r}: use true or false")
+    if isinstance(old, int):
+        try:
+            value = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            value = None
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ConfigError(f"config key {key!r} is an integer but got {raw!r}: pass a whole number")
+        return value
+    if isinstance(old, float):
+        try:
+            return float(raw)
+        except ValueError:
+            raise ConfigError(f"config key {key!r} is a number but got {raw!r}: pass e.g. 3e-4") from None
+    if isinstance(old, (tuple, list)):
+        try:
+            value = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            value = tuple(v for v in raw.split(",") if v)
+        return tuple(value) if isinstance(value, (tuple, list)) else (value,)
+    if isinstance(old, ml_collections.ConfigDict):
+        raise ConfigError(f"config key {key!r} is a section, not a value: set one of its fields, "
+                          f"e.g. --config.{key}.{next(iter(old.keys()))}=...")
+    return raw
+
+
+def resolve_mesh_shape(cfg, num_devices: int) -> tuple[int, int, int]:
+    """(data, fsdp, tensor) with a -1 entry filled so that the product is ``num_devices``."""
+    names = ("data", "fsdp", "tensor")
+    sizes = [int(cfg.mesh[n]) for n in names]
+    for n, s in zip(names, sizes):
+        if s == 0 or s < -1:
+            raise ConfigError(f"mesh.{n}={s} is not a valid mesh size: use a positive integer, "
+                              f"or -1 for 'all remaining devices'")
+    if sizes.count(-1) > 1:
+        raise ConfigError(f"mesh has more than one -1 ({dict(zip(names, sizes))}): only one axis can take "
+                          f"'all remaining devices'; give the others explicit sizes")
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if num_devices % known:
+            raise ConfigError(f"mesh {dict(zip(names, sizes))} cannot fill {num_devices} devices: the fixed "
+                              f"axes multiply to {known}, which does not divide {num_devices}; choose sizes "
+                              f"whose product divides the device count")
+        sizes[sizes.index(-1)] = num_devices // known
+    if math.prod(sizes) != num_devices:
+        raise ConfigError(f"mesh data*fsdp*tensor = {'*'.join(map(str, sizes))} = {math.prod(sizes)} but there "
+                          f"are {num_devices} devices: the mesh must use every device exactly once; set one "
+                          f"axis to -1 or make the product {num_devices}")
+    return tuple(sizes)
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def validate(cfg, num_devices: int | None = None) -> None:
+    """Check the config before anything compiles. ``num_devices`` enables the mesh / batch checks."""
+    m, o = cfg.model, cfg.optimizer
+    positive = {
+        "steps": cfg.steps, "batch_size": cfg.batch_size, "seq_len": cfg.seq_len, "log_every": cfg.log_every,
+        "model.num_layers": m.num_layers, "model.hidden_size": m.hidden_size, "model.num_heads": m.num_heads,
+        "model.num_kv_heads": m.num_kv_heads, "model.head_dim": m.head_dim, "model.mlp_dim": m.mlp_dim,
+        "model.vocab_size": m.vocab_size, "optimizer.grad_accum_steps": o.grad_accum_steps,
+    }
+    for key, value in positive.items():
+        _require(isinstance(value, int) and value > 0,
+                 f"{key}={value!r} must be a positive integer: set --config.{key} to a value >= 1")
+    non_negative = {"eval_every": cfg.eval_every, "eval_steps": cfg.eval_steps,
+                    "optimizer.warmup_steps": o.warmup_steps, "checkpoint.every": cfg.checkpoint.every,
+                    "checkpoint.keep": cfg.checkpoint.keep}
+    for key, value in non_negative.items():
+        _require(isinstance(value, int) and value >= 0,
+                 f"{key}={value!r} must be an integer >= 0: set --config.{key}=0 to disable")
+    _require(o.lr > 0, f"optimizer.lr={o.lr} must be > 0: a typical value is 3e-4")
+    _require(0 <= o.b1 < 1 and 0 <= o.b2 < 1,
+             f"optimizer.b1={o.b1}, optimizer.b2={o.b2} must lie in [0, 1): typical values are 0.9 and 0.95")
+    _require(o.grad_clip >= 0 and o.weight_decay >= 0,
+             "optimizer.grad_clip and optimizer.weight_decay must be >= 0 (0 disables them)")
+    _require(0 <= o.min_lr_ratio <= 1, f"optimizer.min_lr_ratio={o.min_lr_ratio} must lie in [0, 1]")
+    choices = {"model.norm": (m.norm, NORMS), "model.mlp": (m.mlp, MLPS),
+               "model.attention_impl": (m.attention_impl, ATTENTION_IMPLS),
+               "model.remat": (m.remat, REMAT_POLICIES), "optimizer.schedule": (o.schedule, SCHEDULES),
+               "model.dtype": (m.dtype, DTYPES), "model.param_dtype": (m.param_dtype, DTYPES)}
+    for key, (value, allowed) in choices.items():
+        _require(value in allowed, f"{key}={value!r} is not one of {', '.join(allowed)}: "
+                                   f"pick one of those with --config.{key}=...")
+    _require(m.num_heads % m.num_kv_heads == 0,
+             f"model.num_heads={m.num_heads} is not divisible by model.num_kv_heads={m.num_kv_heads}: each kv "
+             f"head serves a whole group of query heads; choose num_kv_heads among the divisors of num_heads")
+    _require(m.head_dim % 4 == 0,
+             f"model.head_dim={m.head_dim} must be divisible by 4: rotary acts on pairs within each half")
+    _require(0 < m.embedding_grad_shrink <= 1,
+             f"model.embedding_grad_shrink={m.embedding_grad_shrink} must lie in (0, 1]: 1 disables it")
+    if num_devices is None:
+        return
+    data, fsdp, tensor = resolve_mesh_shape(cfg, num_devices)
+    _require(m.num_heads % tensor == 0,
+             f"model.num_heads={m.num_heads} is not divisible by mesh.tensor={tensor}: tensor parallelism "
+             f"splits whole heads; use a mesh.tensor that divides {m.num_heads}")
+    dp = data * fsdp
+    per_step = dp * o.grad_accum_steps
+    _require(cfg.batch_size % per_step == 0,
+             f"batch_size={cfg.batch_size} is not divisible by data-parallel size mesh.data*mesh.fsdp={dp}"
+             f"{' * optimizer.grad_accum_steps=' + str(o.grad_accum_steps) if o.grad_accum_steps > 1 else ''}"
+             f" = {per_step}: every device needs the same number of sequences; use a batch_size that is a "
+             f"multiple of {per_step}")

@@ -1,0 +1,54 @@
+"""Self-attention of the GLM block and the dispatch to the attention kernels (``model.attention_impl``)."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+import pallas_kernels
+from glmjax.model.layers import dtype_of, param
+from glmjax.model.rope import apply_rope
+from glmjax.sharding import constrain
+
+
+def attend(q_BTHD, k_BSKD, v_BSKD, segment_ids_BT, bidirectional_BT, *, impl: str, mesh=None):
+    """GLM-masked attention (DESIGN.md §3) through ``pallas_kernels`` with implementation ``impl``."""
+    del mesh  # used once sharded kernels are wired in
+    return pallas_kernels.flash_attention(q_BTHD, k_BSKD, v_BSKD, segment_ids_BT, bidirectional_BT,
+                                          causal=True, implementation=impl)
+
+
+class Attention(nnx.Module):
+    """MHA / GQA with optional qkv bias and no output bias; rotary (1D or 2D) on q and k."""
+
+    def __init__(self, cfg, rngs: nnx.Rngs, *, v_std: float, out_std: float):
+        pd = dtype_of(cfg.param_dtype)
+        D, H, K, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.cfg = cfg
+        self.dtype = dtype_of(cfg.dtype)
+        self.wq = param(rngs, (D, H, hd), ("embed", "heads", "head_dim"), std=cfg.init_std, dtype=pd)
+        self.wk = param(rngs, (D, K, hd), ("embed", "kv_heads", "head_dim"), std=cfg.init_std, dtype=pd)
+        self.wv = param(rngs, (D, K, hd), ("embed", "kv_heads", "head_dim"), std=v_std, dtype=pd)
+        self.wo = param(rngs, (H, hd, D), ("heads", "head_dim", "embed"), std=out_std, dtype=pd)
+        if cfg.qkv_bias:
+            self.bq = param(rngs, (H, hd), ("heads", "head_dim"), std=0, dtype=pd)
+            self.bk = param(rngs, (K, hd), ("kv_heads", "head_dim"), std=0, dtype=pd)
+            self.bv = param(rngs, (K, hd), ("kv_heads", "head_dim"), std=0, dtype=pd)
+
+    def __call__(self, x_BTD, feats, mesh=None):
+        cfg, dt = self.cfg, self.dtype
+        q = jnp.einsum("btd,dhk->bthk", x_BTD, self.wq[...].astype(dt))
+        k = jnp.einsum("btd,dhk->bthk", x_BTD, self.wk[...].astype(dt))
+        v = jnp.einsum("btd,dhk->bthk", x_BTD, self.wv[...].astype(dt))
+        if cfg.qkv_bias:
+            q, k, v = q + self.bq[...].astype(dt), k + self.bk[...].astype(dt), v + self.bv[...].astype(dt)
+        pos, block_pos = feats["positions"], feats.get("block_positions")
+        q = apply_rope(q, pos, block_pos, theta=cfg.rope_theta, rope_2d=cfg.rope_2d)
+        k = apply_rope(k, pos, block_pos, theta=cfg.rope_theta, rope_2d=cfg.rope_2d)
+        q = constrain(q, ("batch", "length", "heads", "head_dim"))
+        k = constrain(k, ("batch", "length", "kv_heads", "head_dim"))
+        v = constrain(v, ("batch", "length", "kv_heads", "head_dim"))
+        out = attend(q, k, v, feats.get("segment_ids"), feats.get("bidirectional"),
+                     impl=cfg.attention_impl, mesh=mesh)
+        out = constrain(out, ("batch", "length", "heads", "head_dim"))
+        return jnp.einsum("bthk,hkd->btd", out, self.wo[...].astype(dt))

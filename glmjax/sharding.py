@@ -1,0 +1,108 @@
+"""Device mesh and the one table that maps logical axis names to mesh axes.
+
+Parameters and large activations carry logical axis names (``embed``, ``heads``, ``kv_heads``, ``mlp``,
+``vocab``, ``batch``, ``length``, ...). :data:`RULES` maps each name to mesh axes. Changing the
+parallelism of a run is editing that table or the mesh shape in the config, never the model code.
+
+A logical dimension whose size does not divide by its mesh axes is replicated instead (e.g. 2 kv heads
+over ``tensor=8``): correct everywhere, and logged once by :func:`param_shardings`.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from glmjax.config import resolve_mesh_shape
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# logical axis name -> mesh axes (None = replicated)
+RULES: dict[str, tuple[str, ...] | str | None] = {
+    "batch": ("data", "fsdp"),
+    "length": None,
+    "embed": "fsdp",  # parameters: ZeRO-3 style, gathered per layer by XLA
+    "act_embed": None,  # activations' hidden dim
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "head_dim": None,
+    "mlp": "tensor",
+    "gate_up": None,
+    "vocab": "tensor",
+    "layers": None,
+    "norm": None,
+}
+
+_ACTIVATION_MESH: list[Mesh] = []
+log = logging.getLogger(__name__)
+
+
+def make_mesh(cfg, devices=None) -> Mesh:
+    """The ``(data, fsdp, tensor)`` mesh of the config over ``devices`` (default: all devices)."""
+    devices = jax.devices() if devices is None else devices
+    shape = resolve_mesh_shape(cfg, len(devices))
+    try:
+        from jax.experimental import mesh_utils
+
+        grid = mesh_utils.create_device_mesh(shape, devices=devices)
+    except Exception:  # irregular device sets (tests, odd slices): plain row-major order
+        grid = np.asarray(devices).reshape(shape)
+    return Mesh(grid, MESH_AXES)
+
+
+def spec_for(axes, shape, mesh: Mesh, rules=None) -> P:
+    """PartitionSpec for a value with logical ``axes``; dims that don't divide their mesh axes replicate."""
+    rules = RULES if rules is None else rules
+    spec, used = [], set()
+    for name, size in zip(axes, shape):
+        target = rules.get(name) if name is not None else None
+        if target is None:
+            spec.append(None)
+            continue
+        target = (target,) if isinstance(target, str) else tuple(target)
+        target = tuple(a for a in target if a not in used and mesh.shape.get(a, 1) > 1)
+        n = int(np.prod([mesh.shape[a] for a in target])) if target else 1
+        if not target or size % n:
+            spec.append(None)
+            continue
+        used.update(target)
+        spec.append(target[0] if len(target) == 1 else target)
+    return P(*spec)
+
+
+def sharding_for(axes, shape, mesh: Mesh, rules=None) -> NamedSharding:
+    return NamedSharding(mesh, spec_for(axes, shape, mesh, rules))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+@contextlib.contextmanager
+def activation_mesh(mesh: Mesh):
+    """Within this context, :func:`constrain` pins activations to ``mesh`` by their logical names."""
+    _ACTIVATION_MESH.append(mesh)
+    try:
+        yield mesh
+    finally:
+        _ACTIVATION_MESH.pop()
+
+
+def current_mesh() -> Mesh | None:
+    return _ACTIVATION_MESH[-1] if _ACTIVATION_MESH else None
+
+
+def constrain(x: jax.Array, axes) -> jax.Array:
+    """``with_sharding_constraint`` by logical names; a no-op outside :func:`activation_mesh`."""
+    mesh = current_mesh()
+    if mesh is None or mesh.size == 1:
+        return x
+    return jax.lax.with_sharding_constraint(x, sharding_for(axes, x.shape, mesh))
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+    """Sharding of input features ``[batch, length, ...]``."""
+    return NamedSharding(mesh, P(("data", "fsdp"), *([None] * (ndim - 1))))

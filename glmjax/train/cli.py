@@ -1,0 +1,41 @@
+"""Command line of the training run."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+USAGE = """python -m glmjax.train --config=configs/tiny.py --workdir=DIR [--config.KEY=VALUE ...]
+
+Train a GLM model. Any config key can be overridden, e.g. --config.steps=200 --config.mesh.fsdp=8
+--config.model.attention_impl=pallas. Unknown keys are an error naming the closest valid key."""
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m glmjax.train", usage=USAGE,
+                                description="Pretrain a GLM-family language model with JAX.")
+    p.add_argument("--config", required=True, help="config file, e.g. configs/tiny.py")
+    p.add_argument("--workdir", required=True, help="output directory: metrics.jsonl, tensorboard/, checkpoints/")
+    p.add_argument("--restart", default="true", choices=["true", "false"],
+                   help="true (default): resume from the latest checkpoint in --workdir; false: start over")
+    p.add_argument("--log_level", default="INFO", help="Python logging level (default INFO)")
+    args, rest = p.parse_known_args(argv)
+    bad = [a for a in rest if not a.startswith("--config.")]
+    if bad:
+        p.error(f"unrecognised arguments {bad}: config overrides are written --config.KEY=VALUE")
+    return args, rest
+
+
+def main(argv=None) -> None:
+    args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from glmjax.config import ConfigError, load_config
+    from glmjax.train.loop import train
+
+    try:
+        cfg = load_config(args.config, overrides)
+        result = train(cfg, args.workdir, restart=args.restart == "true")
+    except ConfigError as e:
+        sys.exit(f"config error: {e}")
+    final = {k: v for k, v in result.items() if k != "state"}
+    logging.getLogger("glmjax.train").info("done: %s", final)

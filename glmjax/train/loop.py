@@ -1,0 +1,120 @@
+"""The training loop: I/O, logging, evaluation and checkpointing at the edges of the pure step.
+
+``train(cfg, workdir)`` validates the config, builds the mesh, creates the state directly sharded,
+streams batches, runs the jitted step, logs ``metrics.jsonl`` / TensorBoard / a progress bar, evaluates
+every ``eval_every`` steps on the held-out split, and saves checkpoints.
+
+Step numbering: ``step`` in metrics is the number of optimizer updates done; the ``loss`` logged at
+step ``s`` is the training loss of the batch of update ``s``; ``eval_loss`` at ``s`` is measured after
+``s`` updates (step 0 = the initial model).
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from glmjax.config import validate
+from glmjax.scaling.flops import flops_per_token
+from glmjax.sharding import batch_sharding, make_mesh
+from glmjax.train.metrics import MetricsWriter, peak_flops_per_device
+from glmjax.train.state import init_state, model_spec
+from glmjax.train.step import make_eval_step, make_train_step
+
+log = logging.getLogger("glmjax.train")
+
+
+def _default_pipelines(cfg):
+    from glmjax.data.pipeline import make_pipeline, to_global
+
+    return make_pipeline(cfg, "train"), (lambda: make_pipeline(cfg, "validation")), to_global
+
+
+class Evaluator:
+    """Mean eval loss over the first ``eval_steps`` batches of the validation split (cached host-side)."""
+
+    def __init__(self, cfg, eval_step, make_iter, to_global, sharding):
+        self.cfg, self.eval_step, self.make_iter = cfg, eval_step, make_iter
+        self.to_global, self.sharding = to_global, sharding
+        self._batches = None
+
+    def __call__(self, params) -> float:
+        if self._batches is None:
+            it = self.make_iter()
+            self._batches = [next(it) for _ in range(self.cfg.eval_steps)]
+            if hasattr(it, "close"):
+                it.close()
+        total, weight = 0.0, 0.0
+        for b in self._batches:
+            s, w = jax.device_get(self.eval_step(params, self.to_global(b, self.sharding)))
+            total, weight = total + float(s), weight + float(w)
+        return total / max(weight, 1.0)
+
+
+def train(cfg, workdir: str, *, restart: bool = True, pipelines=None) -> dict:
+    """Run (or resume) training. ``pipelines`` = (train iterator, eval-iterator factory, to_global) for tests."""
+    validate(cfg, jax.device_count())
+    mesh = make_mesh(cfg)
+    spec = model_spec(cfg, mesh)
+    fpt = flops_per_token(cfg.model, cfg.seq_len)
+    log.info("model: %.2fM parameters (%.2fM non-embedding); mesh %s", fpt.params / 1e6,
+             fpt.non_embedding_params / 1e6, dict(mesh.shape))
+    train_iter, make_eval_iter, to_global = pipelines or _default_pipelines(cfg)
+
+    # CHECKPOINT: create the Checkpointer and restore (state, data_state) from the latest good checkpoint
+    state = init_state(cfg, spec)
+    start = int(jax.device_get(state.step))
+
+    is_main = jax.process_index() == 0
+    writer = MetricsWriter(workdir, enabled=is_main)
+    writer.truncate_after(start)
+    bsh = batch_sharding(mesh)
+    train_step = make_train_step(cfg, spec, mesh)
+    evaluate = Evaluator(cfg, make_eval_step(cfg, spec, mesh), make_eval_iter, to_global, bsh)
+    peak, peak_src = peak_flops_per_device()
+    log.info("peak FLOP/s per device: %.3g (%s); %d devices", peak, peak_src, jax.device_count())
+
+    last = {}
+    if start == 0 and cfg.eval_every:
+        last["eval_loss"] = evaluate(state.params)
+        writer.write(0, last)
+    tokens_per_step = cfg.batch_size * cfg.seq_len
+    bar = tqdm(total=cfg.steps, initial=start, disable=not is_main, dynamic_ncols=True, desc="train")
+    t_last, steps_since = None, 0
+    try:
+        for step in range(start + 1, cfg.steps + 1):
+            batch = to_global(next(train_iter), bsh)
+            state, metrics = train_step(state, batch)
+            if t_last is None:  # the first step includes compilation: start the clock after it
+                jax.block_until_ready(metrics)
+                t_last, steps_since = time.perf_counter(), 0
+            else:
+                steps_since += 1
+            record = {}
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                metrics = jax.device_get(metrics)
+                now = time.perf_counter()
+                tps = tokens_per_step * steps_since / (now - t_last) if steps_since else 0.0
+                record.update(loss=float(metrics["loss"]), learning_rate=float(metrics["learning_rate"]),
+                              grad_norm=float(metrics["grad_norm"]), tokens_per_second=tps,
+                              mfu=tps * fpt.train / (peak * jax.device_count()))
+                bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{tps:,.0f}")
+                t_last, steps_since = now, 0
+            if cfg.eval_every and step % cfg.eval_every == 0:
+                record["eval_loss"] = evaluate(state.params)
+                t_last, steps_since = time.perf_counter(), 0
+            if record:
+                writer.write(step, record)
+                last.update(record)
+            bar.update(1)
+            # CHECKPOINT: save (state, train_iter.get_state()) every checkpoint.every; preemption check
+    finally:
+        bar.close()
+        # CHECKPOINT: final save, wait for async saves, close
+        writer.close()
+        if hasattr(train_iter, "close"):
+            train_iter.close()
+    return {"state": state, **last}

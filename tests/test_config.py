@@ -1,0 +1,81 @@
+"""Bad configs fail before compiling, with a message naming the key, the problem and the fix."""
+from pathlib import Path
+
+import pytest
+
+from glmjax.config import ConfigError, load_config, validate
+
+TINY = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.py")
+
+
+def cfg_with(*overrides):
+    return load_config(TINY, list(overrides))
+
+
+def check(cfg, num_devices, *needles):
+    with pytest.raises(ConfigError) as err:
+        validate(cfg, num_devices)
+    for needle in needles:
+        assert needle in str(err.value), str(err.value)
+
+
+def test_tiny_config_is_valid_on_1_and_8_devices():
+    validate(cfg_with(), 1)
+    validate(cfg_with(), 8)
+
+
+def test_heads_not_divisible_by_tensor():
+    check(cfg_with("--config.model.num_heads=6", "--config.model.num_kv_heads=6", "--config.mesh.tensor=4",
+                   "--config.mesh.data=2"), 8, "model.num_heads=6", "mesh.tensor=4", "divides")
+
+
+def test_heads_not_divisible_by_kv_heads():
+    check(cfg_with("--config.model.num_kv_heads=3"), 1, "model.num_heads=4", "model.num_kv_heads=3", "divisors")
+
+
+def test_mesh_product_not_device_count():
+    check(cfg_with("--config.mesh.data=2", "--config.mesh.fsdp=2"), 8, "mesh", "= 4", "8 devices")
+
+
+def test_batch_not_divisible_by_data_parallel():
+    check(cfg_with("--config.batch_size=12", "--config.mesh.data=8"), 8, "batch_size=12", "multiple of 8")
+
+
+def test_unknown_key_names_closest():
+    with pytest.raises(ConfigError) as err:
+        cfg_with("--config.model.num_head=8")
+    assert "model.num_head" in str(err.value) and "model.num_heads" in str(err.value)
+    with pytest.raises(ConfigError, match="unknown config key 'optimiser.lr'"):
+        cfg_with("--config.optimiser.lr=1e-3")
+
+
+@pytest.mark.parametrize("key", ["model.hidden_size", "batch_size", "seq_len", "model.num_layers", "steps"])
+def test_non_positive_sizes(key):
+    check(cfg_with(f"--config.{key}=0"), 1, f"{key}=0", "positive", f"--config.{key}")
+    check(cfg_with(f"--config.{key}=-3"), 1, f"{key}=-3")
+
+
+def test_override_types_are_checked():
+    with pytest.raises(ConfigError, match="integer"):
+        cfg_with("--config.model.num_layers=two")
+    with pytest.raises(ConfigError, match="bool"):
+        cfg_with("--config.model.rope_2d=maybe")
+    c = cfg_with("--config.optimizer.lr=1e-2", "--config.model.rope_2d=false", "--config.mesh.fsdp=-1")
+    assert c.optimizer.lr == 1e-2 and c.model.rope_2d is False and c.mesh.fsdp == -1
+
+
+def test_bad_choice_and_missing_file():
+    check(cfg_with("--config.model.norm=batchnorm"), 1, "model.norm='batchnorm'", "rmsnorm_pre")
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config("configs/nope.py")
+
+
+def test_cli_reports_config_error_before_compiling(tmp_path):
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "glmjax.train", f"--config={TINY}", f"--workdir={tmp_path}",
+                        "--config.model.num_kv_heads=3"], capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0
+    assert "config error" in r.stderr and "num_kv_heads=3" in r.stderr
+    assert not (tmp_path / "metrics.jsonl").exists()
