@@ -1,0 +1,70 @@
+"""The config saved with the checkpoints, and the check that a resumed run has the same model."""
+from __future__ import annotations
+
+import json
+
+from etils import epath
+
+CHECKPOINT_DIR = "checkpoints"
+MODEL_SECTIONS = ("model",)  # config sections that define the shapes of the saved state
+
+
+class ConfigMismatchError(ValueError):
+    """The run's model config differs from the one saved in the workdir's checkpoints."""
+
+
+def config_to_dict(cfg) -> dict:
+    """The config as plain JSON data (``ConfigDict``, or a dict)."""
+    if hasattr(cfg, "to_json_best_effort"):
+        return json.loads(cfg.to_json_best_effort())
+    return json.loads(json.dumps(cfg, default=str))
+
+
+def _flatten(tree, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def step_dirs(directory: epath.Path) -> list[tuple[int, epath.Path]]:
+    """Committed step directories (plain integer names; orbax tmp directories never match), newest first."""
+    if not directory.exists():
+        return []
+    steps = [(int(p.name), p) for p in directory.iterdir() if p.name.isdigit() and p.is_dir()]
+    return sorted(steps, reverse=True)
+
+
+def saved_config(workdir) -> dict | None:
+    """The config stored with the newest checkpoint of ``workdir`` that has a readable one, or None."""
+    for _, path in step_dirs(epath.Path(workdir) / CHECKPOINT_DIR):
+        try:
+            return json.loads((path / "config" / "config.json").read_text())
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def check_compatible(workdir, cfg) -> None:
+    """Raise :class:`ConfigMismatchError` if ``workdir`` holds checkpoints of a different model config."""
+    old = saved_config(workdir)
+    if old is None:
+        return
+    new = config_to_dict(cfg)
+    diffs = []
+    for section in MODEL_SECTIONS:
+        a, b = _flatten(old.get(section, {}), section + "."), _flatten(new.get(section, {}), section + ".")
+        for key in sorted(set(a) | set(b)):
+            if a.get(key, "<missing>") != b.get(key, "<missing>"):
+                diffs.append(f"{key}: checkpoint has {a.get(key, '<missing>')!r}, this run has "
+                             f"{b.get(key, '<missing>')!r}")
+    if diffs:
+        raise ConfigMismatchError(
+            f"the workdir {workdir} holds checkpoints of a different model, so this run cannot resume "
+            f"from them:\n  " + "\n  ".join(diffs) + "\nTo resume, run with the checkpoint's model config "
+            f"(see {workdir}/{CHECKPOINT_DIR}/<step>/config/config.json); to start over, pass "
+            f"--restart=false (moves the old checkpoints aside) or use a new --workdir.")
