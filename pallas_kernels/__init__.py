@@ -1,13 +1,14 @@
-"""Attention kernels for GLM masks (packed segments, bidirectional prefix, causal, GQA). JAX only."""
+"""Attention kernels for GLM masks (packed segments, bidirectional prefix, causal, GQA). JAX only.
+
+``flash_attention`` is the entry point; ``block_counts`` reports the block sparsity the Pallas
+kernels schedule from. See docs/kernels.md.
+"""
+from pallas_kernels.api import (IMPLEMENTATIONS, BlockSizes, default_block_sizes, flash_attention,
+                                resolve_implementation)
+from pallas_kernels.block_mask import block_counts, key_ranges
 from pallas_kernels.reference import attention_xla, glm_mask
 
-
-def flash_attention(q, k, v, segment_ids=None, bidirectional=None, *, causal=True,
-                    implementation="auto", interpret=False, block_sizes=None):
-    """Attention over ``[B, T, H, D]`` with the GLM mask. Only ``xla`` exists so far."""
-    if implementation in ("auto", "xla"):
-        return attention_xla(q, k, v, segment_ids, bidirectional, causal=causal)
-    raise NotImplementedError(f"attention implementation {implementation!r} is not built yet")
-
-
-__all__ = ["flash_attention", "attention_xla", "glm_mask"]
+__all__ = [
+    "flash_attention", "block_counts", "key_ranges", "attention_xla", "glm_mask", "BlockSizes",
+    "default_block_sizes", "resolve_implementation", "IMPLEMENTATIONS",
+]

@@ -1,0 +1,255 @@
+"""Pallas attention kernels (interpret mode on CPU) against the XLA reference and float64 numpy.
+
+Tolerances: float32 ``|a - ref| <= 1e-5 * (|ref| + max|ref|)`` elementwise, i.e. 1e-5 relative to
+the tensor's scale; bfloat16 the same with 2e-2 (inputs rounded to bf16 before the numpy reference).
+Shapes stay tiny (T ~ 200, blocks 32/64) because interpret mode is slow.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import pallas_kernels
+from pallas_kernels import block_mask as bm
+
+PALLAS = ("pallas_tpu", "pallas_gpu")
+
+
+# ----------------------------------------------------------------------------- inputs & numpy
+def packed_mask_inputs(rng, batch, length, *, min_pad=0, prefix=True):
+    """Packed rows: random segment lengths (length-1 segments likely), a random Part A of length
+    0..whole segment per segment, trailing padding. ``prefix=False`` scatters bid anywhere."""
+    seg = np.zeros((batch, length), np.int32)
+    bid = np.zeros((batch, length), np.int32)
+    for b in range(batch):
+        used = int(rng.integers(length // 2, length - min_pad + 1))
+        pos, s = 0, 1
+        while pos < used:
+            n = int(min(used - pos, rng.choice([1, 1, 2, int(rng.integers(1, length // 2))])))
+            seg[b, pos:pos + n] = s
+            if prefix:
+                bid[b, pos:pos + int(rng.integers(0, n + 1))] = 1
+            else:
+                bid[b, pos:pos + n] = rng.integers(0, 2, n)
+            pos, s = pos + n, s + 1
+    return seg, bid
+
+
+def dense_mask(seg, bid, causal):
+    """[B, T, T] numpy mask straight from DESIGN.md §3."""
+    i = np.arange(seg.shape[1])
+    m = (seg[:, :, None] == seg[:, None, :]) & (seg[:, :, None] != 0)
+    if causal:
+        m &= (i[None, None, :] <= i[None, :, None]) | (bid[:, None, :] != 0)
+    return m
+
+
+def numpy_attention(q, k, v, mask, do):
+    """float64 forward and analytic gradients; q [B,T,H,D], k/v [B,T,K,D], mask [B,T,T]."""
+    q, k, v, do = (np.asarray(x, np.float64) for x in (q, k, v, do))
+    B, T, H, D = q.shape
+    G = H // k.shape[2]
+    kk, vv = np.repeat(k, G, axis=2), np.repeat(v, G, axis=2)
+    s = np.einsum("bthd,bshd->bhts", q, kk) / np.sqrt(D)
+    m = mask[:, None]
+    s = np.where(m, s, -np.inf)
+    mx = np.max(s, axis=-1, keepdims=True)
+    p = np.where(m, np.exp(s - np.where(np.isfinite(mx), mx, 0)), 0)
+    p = p / np.maximum(p.sum(-1, keepdims=True), 1e-300)
+    o = np.einsum("bhts,bshd->bthd", p, vv)
+    dp = np.einsum("bthd,bshd->bhts", do, vv)
+    ds = p * (dp - np.einsum("bthd,bthd->bht", do, o)[..., None]) / np.sqrt(D)
+    dq = np.einsum("bhts,bshd->bthd", ds, kk)
+    dk = np.einsum("bhts,bthd->bshd", ds, q).reshape(B, T, -1, G, D).sum(3)
+    dv = np.einsum("bhts,bthd->bshd", p, do).reshape(B, T, -1, G, D).sum(3)
+    return o, (dq, dk, dv)
+
+
+def run(impl, q, k, v, seg, bid, do, *, causal, block_sizes=None):
+    """Output and (dq, dk, dv) in one jitted call."""
+    def f(q, k, v):
+        return pallas_kernels.flash_attention(q, k, v, seg, bid, causal=causal, implementation=impl,
+                                              interpret=True, block_sizes=block_sizes)
+
+    @jax.jit
+    def go(q, k, v, do):
+        o, vjp = jax.vjp(f, q, k, v)
+        return o, vjp(do)
+
+    o, grads = go(q, k, v, do)
+    return np.asarray(o, np.float64), [np.asarray(g, np.float64) for g in grads]
+
+
+def assert_close(actual, ref, tol, what):
+    ref = np.asarray(ref, np.float64)
+    np.testing.assert_allclose(actual, ref, rtol=tol, atol=tol * max(np.abs(ref).max(), 1e-30),
+                               err_msg=what)
+    assert np.all(np.isfinite(actual)), what
+
+
+def random_qkvd(rng, B, T, H, K, D, dtype):
+    q, do = (jnp.asarray(rng.standard_normal((B, T, H, D)), dtype) for _ in range(2))
+    k, v = (jnp.asarray(rng.standard_normal((B, T, K, D)), dtype) for _ in range(2))
+    return q, k, v, do
+
+
+# ----------------------------------------------------------------------------- kernel tests
+CASES = {
+    # name: (seed, B, T, H, K, D, causal, mask kind, block sizes)
+    "glm_packed_gqa": (1, 2, 200, 4, 2, 64, True, "packed", (64, 64)),
+    "packed_noncausal_mqa": (2, 2, 150, 2, 1, 64, False, "packed", (64, 32)),
+    "causal_only": (3, 1, 100, 2, 2, 64, True, "none", (32, 64)),
+}
+
+
+@pytest.mark.parametrize("impl", PALLAS)
+@pytest.mark.parametrize("case", list(CASES))
+def test_matches_xla_and_numpy_f32(impl, case):
+    seed, B, T, H, K, D, causal, kind, bs = CASES[case]
+    rng = np.random.default_rng(seed)
+    q, k, v, do = random_qkvd(rng, B, T, H, K, D, jnp.float32)
+    if kind == "packed":
+        seg_np, bid_np = packed_mask_inputs(rng, B, T)
+        seg, bid = jnp.asarray(seg_np), jnp.asarray(bid_np)
+    else:
+        seg_np, bid_np = np.ones((B, T), np.int32), np.zeros((B, T), np.int32)
+        seg = bid = None
+    o, grads = run(impl, q, k, v, seg, bid, do, causal=causal, block_sizes=bs)
+    o_x, grads_x = run("xla", q, k, v, seg, bid, do, causal=causal)
+    o_np, grads_np = numpy_attention(q, k, v, dense_mask(seg_np, bid_np, causal), do)
+    assert_close(o, o_np, 1e-5, "out vs numpy")
+    assert_close(o, o_x, 1e-5, "out vs xla")
+    for name, g, gx, gn in zip("qkv", grads, grads_x, grads_np):
+        assert_close(g, gn, 1e-5, f"d{name} vs numpy")
+        assert_close(g, gx, 1e-5, f"d{name} vs xla")
+    pad_rows = ~dense_mask(seg_np, bid_np, causal).any(-1)
+    assert np.all(o[pad_rows] == 0) and np.all(grads[0][pad_rows] == 0)
+
+
+@pytest.mark.parametrize("impl", PALLAS)
+def test_bfloat16_glm(impl):
+    rng = np.random.default_rng(11)
+    B, T, H, K, D = 2, 160, 4, 1, 64
+    q, k, v, do = random_qkvd(rng, B, T, H, K, D, jnp.bfloat16)
+    seg_np, bid_np = packed_mask_inputs(rng, B, T)
+    o, grads = run(impl, q, k, v, jnp.asarray(seg_np), jnp.asarray(bid_np), do, causal=True,
+                   block_sizes=(64, 64))
+    o_np, grads_np = numpy_attention(q.astype(jnp.float32), k.astype(jnp.float32),
+                                     v.astype(jnp.float32), dense_mask(seg_np, bid_np, True),
+                                     do.astype(jnp.float32))
+    assert_close(o, o_np, 2e-2, "bf16 out")
+    for name, g, gn in zip("qkv", grads, grads_np):
+        assert_close(g, gn, 2e-2, f"bf16 d{name}")
+
+
+@pytest.mark.parametrize("impl", PALLAS)
+@pytest.mark.parametrize("D", [128, 256])
+def test_head_dims(impl, D):
+    rng = np.random.default_rng(D)
+    B, T, H, K = 1, 72, 2, 1
+    q, k, v, do = random_qkvd(rng, B, T, H, K, D, jnp.float32)
+    seg_np, bid_np = packed_mask_inputs(rng, B, T)
+    o, grads = run(impl, q, k, v, jnp.asarray(seg_np), jnp.asarray(bid_np), do, causal=True,
+                   block_sizes=(32, 32))
+    o_np, grads_np = numpy_attention(q, k, v, dense_mask(seg_np, bid_np, True), do)
+    assert_close(o, o_np, 1e-5, f"D={D} out")
+    for name, g, gn in zip("qkv", grads, grads_np):
+        assert_close(g, gn, 1e-5, f"D={D} d{name}")
+
+
+@pytest.mark.parametrize("impl", PALLAS)
+def test_non_prefix_bidirectional_and_split_segments(impl):
+    """Outside the GLM data contract (bid not a prefix, a segment id reused after a gap): the
+    block classification turns conservative and the exact element mask keeps results exact."""
+    rng = np.random.default_rng(5)
+    B, T, H, K, D = 1, 128, 2, 2, 64
+    q, k, v, do = random_qkvd(rng, B, T, H, K, D, jnp.float32)
+    seg_np, bid_np = packed_mask_inputs(rng, B, T, prefix=False)
+    seg_np[0, 100:110] = 1  # segment 1 again, far from its first occurrence
+    o, grads = run(impl, q, k, v, jnp.asarray(seg_np), jnp.asarray(bid_np), do, causal=True,
+                   block_sizes=(32, 32))
+    o_np, grads_np = numpy_attention(q, k, v, dense_mask(seg_np, bid_np, True), do)
+    assert_close(o, o_np, 1e-5, "out")
+    for name, g, gn in zip("qkv", grads, grads_np):
+        assert_close(g, gn, 1e-5, f"d{name}")
+
+
+@pytest.mark.parametrize("impl", PALLAS)
+def test_empty_blocks_are_never_loaded(impl):
+    """NaN in every key block that no query sees: a kernel that loaded it would return NaN."""
+    rng = np.random.default_rng(7)
+    B, T, H, K, D = 1, 128, 2, 1, 64
+    q, k, v, do = random_qkvd(rng, B, T, H, K, D, jnp.float32)
+    seg_np = np.zeros((B, T), np.int32)
+    seg_np[0, :40], seg_np[0, 40:90] = 1, 2  # keys 96.. are padding: key blocks 3 (of 32) empty
+    bid_np = np.zeros((B, T), np.int32)
+    bid_np[0, 40:50] = 1
+    k_poison = k.at[:, 96:].set(jnp.nan)
+    v_poison = v.at[:, 96:].set(jnp.nan)
+    o, grads = run(impl, q, k_poison, v_poison, jnp.asarray(seg_np), jnp.asarray(bid_np), do,
+                   causal=True, block_sizes=(32, 32))
+    o_np, grads_np = numpy_attention(q, k, v, dense_mask(seg_np, bid_np, True), do)
+    assert_close(o, o_np, 1e-5, "out")
+    assert_close(grads[0], grads_np[0], 1e-5, "dq")
+    assert np.all(grads[1][:, 96:] == 0) and np.all(grads[2][:, 96:] == 0)
+
+
+# ----------------------------------------------------------------------------- block counts
+@pytest.mark.parametrize("causal", [True, False])
+def test_block_counts_match_dense_mask(causal):
+    rng = np.random.default_rng(100 + causal)
+    counts_fn = jax.jit(pallas_kernels.block_counts, static_argnums=(2, 3, 4, 5))
+    for B, T, bq, bk in [(2, 200, 32, 64), (3, 130, 64, 16), (2, 77, 16, 16)] * 5:
+        seg, bid = packed_mask_inputs(rng, B, T)
+        counts = counts_fn(jnp.asarray(seg), jnp.asarray(bid), causal, T, bq, bk)
+        Tp = bm.padded_length(T, bq, bk)
+        m = np.zeros((B, Tp, Tp), bool)
+        m[:, :T, :T] = dense_mask(seg, bid, causal)
+        blocks = m.reshape(B, Tp // bq, bq, Tp // bk, bk)
+        nonempty, full = blocks.any(axis=(2, 4)), blocks.all(axis=(2, 4))
+        assert counts["total"] == nonempty.size
+        assert int(counts["empty"]) == int((~nonempty).sum())
+        assert int(counts["full"]) == int(full.sum())
+        assert int(counts["partial"]) == int((nonempty & ~full).sum())
+
+
+def test_block_counts_pure_causal():
+    c = pallas_kernels.block_counts(None, None, True, 1024, 128, 128)
+    assert (int(c["empty"]), int(c["partial"]), int(c["full"])) == (28, 8, 28)
+
+
+# ----------------------------------------------------------------------------- dispatch & errors
+def test_cudnn_dense_mask_semantics():
+    """The dense-bias path of "cudnn_dense", run through jax.nn's XLA backend on CPU."""
+    from pallas_kernels.cudnn import attention_cudnn
+    rng = np.random.default_rng(9)
+    q, k, v, do = random_qkvd(rng, 2, 64, 4, 2, 64, jnp.float32)
+    seg, bid = packed_mask_inputs(rng, 2, 64)
+    o = attention_cudnn(q, k, v, jnp.asarray(seg), jnp.asarray(bid), causal=True, dense_mask=True,
+                        sdpa_implementation="xla")
+    o_np, _ = numpy_attention(q, k, v, dense_mask(seg, bid, True), do)
+    assert_close(np.asarray(o), o_np, 1e-5, "cudnn_dense out")
+    with pytest.raises(ValueError, match="cannot express"):
+        attention_cudnn(q, k, v, jnp.asarray(seg), jnp.asarray(bid), sdpa_implementation="xla")
+
+
+def test_auto_is_xla_on_cpu():
+    assert pallas_kernels.resolve_implementation("auto") == "xla"
+
+
+@pytest.mark.parametrize("kwargs, shapes, match", [
+    (dict(implementation="flash"), None, "unknown attention implementation"),
+    (dict(implementation="cudnn"), None, "needs an NVIDIA GPU"),
+    (dict(implementation="pallas_tpu"), None, "interpret=True"),
+    (dict(implementation="pallas_gpu", interpret=True, block_sizes=(48, 64)), None, "power of two"),
+    (dict(), ((1, 8, 3, 16), (1, 8, 2, 16)), "not divisible by num kv heads"),
+    (dict(), ((1, 8, 2, 16), (1, 6, 2, 16)), "self-attention only"),
+    (dict(), ((1, 8, 2, 16), (1, 8, 2, 32)), "share batch and head_dim"),
+])
+def test_user_errors(kwargs, shapes, match):
+    q_shape, k_shape = shapes or ((1, 8, 2, 16), (1, 8, 2, 16))
+    q, k = jnp.ones(q_shape), jnp.ones(k_shape)
+    with pytest.raises(ValueError, match=match):
+        pallas_kernels.flash_attention(q, k, k, **kwargs)
