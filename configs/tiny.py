@@ -2,7 +2,7 @@
 
     python -m glmjax.train --config=configs/tiny.py --workdir=/tmp/glm_tiny
 
-Cost: about 2-4 minutes for 300 steps on a 2-core CPU (no accelerator needed); ~1.2M parameters.
+Cost: about 2-4 minutes for 300 steps on a 2-core CPU (no accelerator needed); 0.95M parameters.
 GLM-130B style blocks (DeepNorm post-LN, GeGLU, 2D rotary) at toy width, so the full GLM path is
 exercised on every run. The tokenizer (SentencePiece, vocab_size entries) is trained on first use.
 """

@@ -27,9 +27,16 @@ def run_losses(cfg, devices, steps, seed=0):
     losses = []
     for _ in range(steps):
         b = random_glm_features(rng, cfg.batch_size, cfg.seq_len, cfg.model.vocab_size)
-        state, m = step_fn(state, {k: jax.device_put(v, sh) for k, v in b.items()})
+        state, m = step_fn(state, {k: local_rows_to_global(v, sh) for k, v in b.items()})
         losses.append(float(m["loss"]))
     return np.array(losses), state
+
+
+def local_rows_to_global(global_np, sharding):
+    """Each process feeds only the rows its devices own (all rows with one process)."""
+    idx = sharding.addressable_devices_indices_map(global_np.shape).values()
+    lo, hi = min(i[0].start or 0 for i in idx), max(i[0].stop or global_np.shape[0] for i in idx)
+    return jax.make_array_from_process_local_data(sharding, global_np[lo:hi], global_np.shape)
 
 
 def tiny(*overrides):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 USAGE = """python -m glmjax.train --config=configs/tiny.py --workdir=DIR [--config.KEY=VALUE ...]
@@ -19,6 +20,11 @@ def parse_args(argv):
     p.add_argument("--restart", default="true", choices=["true", "false"],
                    help="true (default): resume from the latest checkpoint in --workdir; false: start over")
     p.add_argument("--log_level", default="INFO", help="Python logging level (default INFO)")
+    p.add_argument("--multihost", action="store_true",
+                   help="initialise jax.distributed by auto-detection (Cloud TPU pod, GKE, Slurm)")
+    p.add_argument("--coordinator_address", default=None, help="HOST:PORT of process 0 (explicit multi-host)")
+    p.add_argument("--num_processes", type=int, default=None, help="number of processes (explicit multi-host)")
+    p.add_argument("--process_id", type=int, default=None, help="this process's index (explicit multi-host)")
     args, rest = p.parse_known_args(argv)
     bad = [a for a in rest if not a.startswith("--config.")]
     if bad:
@@ -29,11 +35,15 @@ def parse_args(argv):
 def main(argv=None) -> None:
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # seqio's TensorFlow: keep the console readable
+    from glmjax import distributed
     from glmjax.config import ConfigError, load_config
     from glmjax.train.loop import train
 
     try:
-        cfg = load_config(args.config, overrides)
+        cfg = load_config(args.config, overrides)  # fails fast, before devices are touched
+        distributed.initialize(args.coordinator_address, args.num_processes, args.process_id,
+                               auto=args.multihost)
         result = train(cfg, args.workdir, restart=args.restart == "true")
     except ConfigError as e:
         sys.exit(f"config error: {e}")
