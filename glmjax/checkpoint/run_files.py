@@ -5,12 +5,14 @@ import json
 
 from etils import epath
 
+from glmjax.config import ConfigError
+
 CHECKPOINT_DIR = "checkpoints"
 MODEL_SECTIONS = ("model",)  # config sections that define the shapes of the saved state
 
 
-class ConfigMismatchError(ValueError):
-    """The run's model config differs from the one saved in the workdir's checkpoints."""
+class ConfigMismatchError(ConfigError):
+    """The run's model config differs from the one saved in the workdir's checkpoints (a ``ConfigError``)."""
 
 
 def config_to_dict(cfg) -> dict:

@@ -17,6 +17,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
+from glmjax.checkpoint import Checkpointer
 from glmjax.config import validate
 from glmjax.scaling.flops import flops_per_token
 from glmjax.sharding import batch_sharding, make_mesh
@@ -65,12 +66,20 @@ def train(cfg, workdir: str, *, restart: bool = True, pipelines=None) -> dict:
     train_iter, make_eval_iter, to_global = pipelines or _default_pipelines(cfg)
 
     # CHECKPOINT: create the Checkpointer and restore (state, data_state) from the latest good checkpoint
-    state = init_state(cfg, spec)
+    ckpt = Checkpointer(workdir, cfg, restart=restart)
+    restored = ckpt.restore(spec.abstract_state)
+    if restored is None:
+        state = init_state(cfg, spec)
+    else:
+        state, data_state, _ = restored
+        if data_state is not None:
+            train_iter.set_state(data_state)
+    ckpt.install_sigterm_handler()
     start = int(jax.device_get(state.step))
 
     is_main = jax.process_index() == 0
     writer = MetricsWriter(workdir, enabled=is_main)
-    writer.truncate_after(start)
+    writer.truncate_after(start if restored is not None else -1)  # a fresh start rewrites step 0 as well
     bsh = batch_sharding(mesh)
     train_step = make_train_step(cfg, spec, mesh)
     evaluate = Evaluator(cfg, make_eval_step(cfg, spec, mesh), make_eval_iter, to_global, bsh)
@@ -111,9 +120,18 @@ def train(cfg, workdir: str, *, restart: bool = True, pipelines=None) -> dict:
                 last.update(record)
             bar.update(1)
             # CHECKPOINT: save (state, train_iter.get_state()) every checkpoint.every; preemption check
+            preempted = ckpt.preemption_requested(step)
+            ckpt.save(step, state, train_iter.get_state(), eval_loss=record.get("eval_loss"),
+                      force=preempted or step == cfg.steps)  # the last step is always saved
+            if preempted:
+                ckpt.wait()
+                log.warning("preempted: checkpoint of step %d saved in %s; exiting. Run the same command to "
+                            "resume.", step, ckpt.directory)
+                break
     finally:
         bar.close()
         # CHECKPOINT: final save, wait for async saves, close
+        ckpt.close()  # the final step was saved in the loop; this waits until every save is committed
         writer.close()
         if hasattr(train_iter, "close"):
             train_iter.close()
