@@ -12,10 +12,28 @@ from glmjax.sharding import constrain
 
 
 def attend(q_BTHD, k_BSKD, v_BSKD, segment_ids_BT, bidirectional_BT, *, impl: str, mesh=None):
-    """GLM-masked attention (DESIGN.md §3) through ``pallas_kernels`` with implementation ``impl``."""
-    del mesh  # used once sharded kernels are wired in
-    return pallas_kernels.flash_attention(q_BTHD, k_BSKD, v_BSKD, segment_ids_BT, bidirectional_BT,
-                                          causal=True, implementation=impl)
+    """GLM-masked attention (DESIGN.md §3); ``impl`` is ``model.attention_impl``.
+
+    ``xla``: plain jnp, partitioned by XLA. ``pallas``: the Mosaic kernel on TPU, the Triton kernel on
+    GPU, the TPU kernel in interpret mode on CPU (slow; for tests). ``cudnn``: cuDNN, with the packed
+    GLM mask as a dense bias (cuDNN cannot express it natively). ``auto``: by platform (CPU -> xla).
+    Kernels run under ``shard_map`` over the mesh's batch ('data', 'fsdp') and head ('tensor') axes.
+    """
+    platform = jax.default_backend()
+    interpret = False
+    if impl == "pallas":
+        kernel = {"tpu": "pallas_tpu", "gpu": "pallas_gpu"}.get(platform, "pallas_tpu")
+        interpret = platform not in ("tpu", "gpu")
+    elif impl == "cudnn":
+        masked = segment_ids_BT is not None or bidirectional_BT is not None
+        kernel = "cudnn_dense" if masked else "cudnn"
+    else:
+        kernel = pallas_kernels.resolve_implementation(impl)
+    args = (q_BTHD, k_BSKD, v_BSKD, segment_ids_BT, bidirectional_BT)
+    if kernel == "xla":
+        return pallas_kernels.flash_attention(*args, causal=True, implementation="xla")
+    return pallas_kernels.sharded_flash_attention(*args, mesh=mesh, causal=True, implementation=kernel,
+                                                  interpret=interpret)
 
 
 class Attention(nnx.Module):
