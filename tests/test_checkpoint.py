@@ -1,8 +1,9 @@
 """Checkpointer unit tests on a toy sharded train state (8 fake CPU devices).
 
 Covers: round trip with donation right after an async save, retention (latest ``keep`` + best), damaged
-checkpoints (truncated / corrupted / bad JSON / crash leftovers) falling back with a warning, restore into
-other meshes with the next step's loss compared, the model-config check and ``restart=False``, SIGTERM.
+checkpoints (truncated / corrupted / bad JSON / crash leftovers) falling back with a warning, layout-free
+fingerprints, the model-config check and ``restart=False``, SIGTERM. (Restoring the real model into other
+meshes: test_checkpoint_mesh.py; killed and preempted runs end to end: test_checkpoint_resume.py.)
 """
 from __future__ import annotations
 
@@ -252,27 +253,6 @@ def test_all_damaged_is_an_error_and_moves_nothing(tmp_path):
     with pytest.raises(CheckpointError, match=r"(?s)step 2: .*not valid JSON.*--restart=false"):
         Checkpointer(str(tmp_path), toy_cfg(every=2)).restore(abstract_state(mesh))
     assert step_dirs(tmp_path) == [2]
-
-
-@pytest.mark.parametrize("layout", [dict(fsdp=4, tensor=2), dict(data=1)], ids=["fsdp4_tensor2", "one_device"])
-def test_restore_into_other_mesh(tmp_path, layout):
-    """Saved on data=8; restored onto another layout: same values, and the next step's loss matches."""
-    src = mesh_of(data=8)
-    ckpt = Checkpointer(str(tmp_path), toy_cfg(every=3))
-    state = train(ckpt, src, 3)
-    ckpt.wait()
-    saved = host(state)
-    _, want_loss = make_step(src)(state, batch(4))
-
-    dst = mesh_of(**layout)
-    restored, _, step = ckpt.restore(abstract_state(dst))
-    ckpt.close()
-    assert step == 3
-    assert_trees_equal(restored, saved)
-    assert restored.params["w1"].sharding == shardings(dst).params["w1"]
-    assert len(restored.params["w1"].sharding.device_set) == dst.size
-    _, got_loss = make_step(dst)(restored, batch(4))
-    np.testing.assert_allclose(float(got_loss), float(want_loss), rtol=1e-5)
 
 
 def test_fingerprints_do_not_depend_on_the_layout():
