@@ -26,7 +26,7 @@ class BlockSizes:
 def default_block_sizes(implementation: str, head_dim: int) -> BlockSizes:
     """Defaults per implementation and head dim."""
     if implementation == "pallas_tpu":
-        return BlockSizes(128, 128)
+        return BlockSizes(256, 256)  # untuned: no TPU was available when this was written
     return BlockSizes(128, 64) if head_dim <= 128 else BlockSizes(64, 32)
 
 

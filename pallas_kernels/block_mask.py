@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
 
@@ -57,23 +58,29 @@ def _row_ranges_1d(seg_T: jax.Array, bid_T: jax.Array, causal: bool):
     q_hi = seg_hi
     full_lo = jnp.where(contiguous, seg_lo, 0)
     full_hi = jnp.where(contiguous, full_hi, 0)
+    # Within a contiguous segment the queries seeing key j are exactly [q_lo, q_hi).
+    full_q_lo = jnp.where(contiguous, q_lo, 0)
+    full_q_hi = jnp.where(contiguous, q_hi, 0)
 
     valid = seg_T != 0
     zero = jnp.zeros_like(idx)
-    return tuple(jnp.where(valid, r, zero) for r in (lo, hi, full_lo, full_hi, q_lo, q_hi))
+    return tuple(jnp.where(valid, r, zero)
+                 for r in (lo, hi, full_lo, full_hi, q_lo, q_hi, full_q_lo, full_q_hi))
 
 
 def key_ranges(segment_ids_BT: jax.Array, bidirectional_BT: jax.Array, *, causal: bool):
     """Per-row key ranges of the GLM mask.
 
     Returns a dict of ``[B, T]`` int32 arrays: ``lo, hi`` (outer key range per query),
-    ``full_lo, full_hi`` (fully visible key range per query) and ``q_lo, q_hi`` (outer query
-    range per key, used by backward kernels that walk query blocks for a fixed key block).
+    ``full_lo, full_hi`` (fully visible key range per query), and the same per key for the
+    backward kernels that walk query blocks for a fixed key block: ``q_lo, q_hi`` (outer query
+    range) and ``full_q_lo, full_q_hi`` (queries that all see the key).
     """
     seg = segment_ids_BT.astype(jnp.int32)
     bid = bidirectional_BT.astype(bool)
     out = jax.vmap(lambda s, b: _row_ranges_1d(s, b, causal))(seg, bid)
-    return dict(zip(("lo", "hi", "full_lo", "full_hi", "q_lo", "q_hi"), out))
+    names = ("lo", "hi", "full_lo", "full_hi", "q_lo", "q_hi", "full_q_lo", "full_q_hi")
+    return dict(zip(names, out))
 
 
 def block_kind(lo, hi, full_lo, full_hi, k_start, k_end):
@@ -83,6 +90,13 @@ def block_kind(lo, hi, full_lo, full_hi, k_start, k_end):
     nonempty = jnp.max(touches, axis=-1)
     full = jnp.min(covers, axis=-1)
     return jnp.where(full > 0, FULL, nonempty).astype(jnp.int32)
+
+
+def full_interval(full_lo, full_hi, block):
+    """Blocks ``[first, end)`` that every row's full range covers (an interval: a block is full
+    iff ``max(full_lo) <= start`` and ``min(full_hi) >= end``); empty when ``first >= end``."""
+    first = lax.div(jnp.max(full_lo) + block - 1, block)
+    return first, lax.div(jnp.min(full_hi), block)
 
 
 def block_kinds(ranges: dict, block_q: int, block_k: int) -> jax.Array:

@@ -4,10 +4,12 @@ Layout inside the kernels is ``[B, H, T, D]`` (T padded to the block sizes). One
 one query block (forward, dq) or one key block (dk/dv) and loops only over the hull of the blocks
 its rows can see, taken from the key-range form (``block_mask.key_ranges``): a query block walks
 key blocks ``[min lo // bk, ceil(max hi / bk))``; a key block walks query blocks from the per-key
-query ranges. Inside the hull each block is classified by ``block_mask.block_kind`` -- the very
-function ``block_counts`` uses -- and dispatched with ``lax.switch``: EMPTY blocks are skipped
-(never loaded), FULL blocks run without mask arithmetic, PARTIAL blocks apply the exact
-element mask of DESIGN.md §3. GQA: the dk/dv program of a kv head also loops over its query heads.
+query ranges. The FULL blocks inside that hull form one interval (``block_mask.full_interval``),
+walked by a branch-free loop without any mask arithmetic (so Triton can pipeline its loads). The
+blocks before and after it are classified by ``block_mask.block_kind`` -- the function
+``block_counts`` uses -- EMPTY ones skipped under ``lax.cond`` (never loaded), PARTIAL ones computed
+with the exact element mask of DESIGN.md §3. GQA: a kv head's dk/dv program loops over its query
+heads.
 """
 from __future__ import annotations
 
@@ -42,6 +44,21 @@ def _skip(n, carry):
     return carry
 
 
+def _walk(hull, full, masked_visit, full_visit, kind_of, carry):
+    """Visit blocks ``hull = [first, end)``: the FULL interval ``full`` in a branch-free loop
+    without mask; the blocks before and after it masked, skipping those ``kind_of`` calls EMPTY."""
+    first, end = hull
+    has_full = full[0] < full[1]
+    f0, f1 = jnp.where(has_full, full[0], end), jnp.where(has_full, full[1], end)
+
+    def masked(n, c):
+        return lax.cond(kind_of(n) != bm.EMPTY, masked_visit, _skip, n, c)
+
+    carry = lax.fori_loop(first, f0, masked, carry)
+    carry = lax.fori_loop(f0, f1, full_visit, carry)
+    return lax.fori_loop(f1, end, masked, carry)
+
+
 def _fwd_kernel(q_ref, k_ref, v_ref, lo_ref, hi_ref, flo_ref, fhi_ref, segq_ref, segk_ref,
                 bidk_ref, o_ref, lse_ref, *, scale, causal, bq, bk, T, D):
     i = pl.program_id(2)
@@ -68,15 +85,11 @@ def _fwd_kernel(q_ref, k_ref, v_ref, lo_ref, hi_ref, flo_ref, fhi_ref, segq_ref,
         acc = alpha[:, None] * acc + _dot(p.astype(v.dtype), v, _NN)
         return m_new, alpha * l + jnp.sum(p, axis=1), acc
 
-    def body(j, carry):
-        kind = bm.block_kind(*rows, j * bk, j * bk + bk)
-        return lax.switch(kind, [_skip, functools.partial(visit, masked=True),
-                                 functools.partial(visit, masked=False)], j, carry)
-
-    first, end = _hull(rows[0], rows[1], bk, T)
     init = (jnp.full((bq,), NEG, jnp.float32), jnp.zeros((bq,), jnp.float32),
             jnp.zeros((bq, D), jnp.float32))
-    m, l, acc = lax.fori_loop(first, end, body, init)
+    m, l, acc = _walk(_hull(rows[0], rows[1], bk, T), bm.full_interval(rows[2], rows[3], bk),
+                      functools.partial(visit, masked=True), functools.partial(visit, masked=False),
+                      lambda j: bm.block_kind(*rows, j * bk, j * bk + bk), init)
     seen = l > 0.0
     safe_l = jnp.where(seen, l, 1.0)
     o_ref[...] = (acc / safe_l[:, None]).astype(o_ref.dtype)
@@ -105,25 +118,23 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, lo_ref, hi_ref, 
         ds = p * (dp - delta[:, None])
         return dq + _dot(ds.astype(k.dtype), k, _NN)
 
-    def body(j, dq):
-        kind = bm.block_kind(*rows, j * bk, j * bk + bk)
-        return lax.switch(kind, [_skip, functools.partial(visit, masked=True),
-                                 functools.partial(visit, masked=False)], j, dq)
-
-    first, end = _hull(rows[0], rows[1], bk, T)
-    dq = lax.fori_loop(first, end, body, jnp.zeros((bq, D), jnp.float32))
+    dq = _walk(_hull(rows[0], rows[1], bk, T), bm.full_interval(rows[2], rows[3], bk),
+               functools.partial(visit, masked=True), functools.partial(visit, masked=False),
+               lambda j: bm.block_kind(*rows, j * bk, j * bk + bk),
+               jnp.zeros((bq, D), jnp.float32))
     dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
 
 
 def _dkv_kernel(q_ref, do_ref, lse_ref, delta_ref, lo_ref, hi_ref, flo_ref, fhi_ref, segq_ref,
-                k_ref, v_ref, qlo_ref, qhi_ref, segk_ref, bidk_ref, dk_ref, dv_ref, *, scale,
-                causal, bq, bk, T, D, groups):
+                k_ref, v_ref, qlo_ref, qhi_ref, fqlo_ref, fqhi_ref, segk_ref, bidk_ref, dk_ref,
+                dv_ref, *, scale, causal, bq, bk, T, D, groups):
     j = pl.program_id(2)
     ks = j * bk
     k, v = k_ref[...], v_ref[...]
     seg_k, bid_k = segk_ref[...], bidk_ref[...]
     k_pos = ks + jnp.arange(bk, dtype=jnp.int32)
-    first, end = _hull(qlo_ref[...], qhi_ref[...], bq, T)
+    hull = _hull(qlo_ref[...], qhi_ref[...], bq, T)
+    full = bm.full_interval(fqlo_ref[...], fqhi_ref[...], bq)
 
     def visit(n, carry, g, masked):
         dk, dv = carry
@@ -139,14 +150,13 @@ def _dkv_kernel(q_ref, do_ref, lse_ref, delta_ref, lo_ref, hi_ref, flo_ref, fhi_
         ds_t = p_t * (_dot(v, do, _NT) - delta_ref[g, pl.ds(qs, bq)][None, :])
         return dk + _dot(ds_t.astype(q.dtype), q, _NN), dv
 
+    def kind_of(n):
+        rows = tuple(r[pl.ds(n * bq, bq)] for r in (lo_ref, hi_ref, flo_ref, fhi_ref))
+        return bm.block_kind(*rows, ks, ks + bk)
+
     def head(g, carry):
-        def body(n, c):
-            qs = n * bq
-            rows = tuple(r[pl.ds(qs, bq)] for r in (lo_ref, hi_ref, flo_ref, fhi_ref))
-            kind = bm.block_kind(*rows, ks, ks + bk)
-            return lax.switch(kind, [_skip, functools.partial(visit, g=g, masked=True),
-                                     functools.partial(visit, g=g, masked=False)], n, c)
-        return lax.fori_loop(first, end, body, carry)
+        return _walk(hull, full, functools.partial(visit, g=g, masked=True),
+                     functools.partial(visit, g=g, masked=False), kind_of, carry)
 
     zeros = jnp.zeros((bk, D), jnp.float32)
     dk, dv = lax.fori_loop(0, groups, head, (zeros, zeros))
@@ -217,9 +227,10 @@ def backward(q, k, v, seg_BT, bid_BT, o, lse, do, *, causal, bq, bk, interpret):
                           groups=G),
         grid=(B, K, T // bk),
         in_specs=[group_spec, group_spec, group_stat, group_stat] + [full_row] * 5
-        + [k_spec, k_spec] + [key_block] * 4,
+        + [k_spec, k_spec] + [key_block] * 6,
         out_specs=[k_spec, k_spec],
         out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
         compiler_params=_params(D), interpret=interpret,
-    )(q, do, lse, delta, *rows, seg_BT, k, v, r["q_lo"], r["q_hi"], seg_BT, bid_BT)
+    )(q, do, lse, delta, *rows, seg_BT, k, v, r["q_lo"], r["q_hi"], r["full_q_lo"], r["full_q_hi"],
+      seg_BT, bid_BT)
     return dq, dk, dv

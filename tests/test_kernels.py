@@ -215,6 +215,29 @@ def test_block_counts_match_dense_mask(causal):
         assert int(counts["partial"]) == int((nonempty & ~full).sum())
 
 
+@pytest.mark.parametrize("prefix", [True, False])
+def test_key_ranges_bound_the_mask(prefix):
+    """Outer ranges contain every visible pair, full ranges only visible pairs (rows and columns);
+    with GLM data (bid a prefix of contiguous segments) all of them are exact."""
+    rng = np.random.default_rng(300 + prefix)
+    seg, bid = packed_mask_inputs(rng, 3, 90, prefix=prefix)
+    if not prefix:
+        seg[0, 70:75] = 1  # a segment id reused after a gap
+    for causal in (True, False):
+        m = dense_mask(seg, bid, causal)
+        r = {n: np.asarray(x) for n, x in
+             pallas_kernels.key_ranges(jnp.asarray(seg), jnp.asarray(bid), causal=causal).items()}
+        j = np.arange(90)
+        rows = lambda a, b: (j[None, None, :] >= r[a][:, :, None]) & (j[None, None, :] < r[b][:, :, None])
+        cols = lambda a, b: (j[None, :, None] >= r[a][:, None, :]) & (j[None, :, None] < r[b][:, None, :])
+        outer, inner = rows("lo", "hi"), rows("full_lo", "full_hi")
+        q_outer, q_inner = cols("q_lo", "q_hi"), cols("full_q_lo", "full_q_hi")
+        assert not (m & ~outer).any() and not (inner & ~m).any()
+        assert not (m & ~q_outer).any() and not (q_inner & ~m).any()
+        if prefix:
+            assert (outer == m).all() and (inner == m).all() and (q_inner == m).all()
+
+
 def test_block_counts_pure_causal():
     c = pallas_kernels.block_counts(None, None, True, 1024, 128, 128)
     assert (int(c["empty"]), int(c["partial"]), int(c["full"])) == (28, 8, 28)
