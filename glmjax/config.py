@@ -84,6 +84,8 @@ def checkpoint_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.every = 500  # steps between saves; 0 = only the final save
     c.keep = 3  # latest checkpoints kept (the best by eval loss is kept as well)
+    c.async_save = True  # write in the background; the loop waits only for the device-to-host copy
+    c.verify = True  # fingerprint every state leaf at save, check on restore (detects corrupted files)
     return c
 
 
