@@ -1,9 +1,12 @@
 """End-to-end input pipeline: features, determinism, host sharding, exact resumption, global arrays."""
+import collections
+import glob
 import json
 
 import jax
 import numpy as np
 import pytest
+import seqio
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from glmjax.data import testing
@@ -107,3 +110,149 @@ def test_to_global_assembles_the_local_batch():
     for k, v in batch.items():
         assert out[k].shape == v.shape and out[k].sharding == sharding
         np.testing.assert_array_equal(np.asarray(out[k]), v)
+
+
+def _segments(batch):
+    """Every packed segment of a batch as a dict of 1-D arrays."""
+    for r in range(batch["tokens"].shape[0]):
+        seg = batch["segment_ids"][r]
+        for s in range(1, seg.max() + 1):
+            idx = np.flatnonzero(seg == s)
+            assert (np.diff(idx) == 1).all()  # a segment is contiguous
+            yield {k: v[r, idx] for k, v in batch.items() if k != "segment_ids"}
+
+
+def test_segments_rebuild_the_documents_exactly(corpus):
+    from test_data_objective import check_infill_layout, decode  # the independent reference decoder
+
+    from glmjax.data import sources
+    from glmjax.data.vocab import get_vocabulary, special_ids
+
+    cfg = _cfg(corpus)
+    vocab = get_vocabulary(cfg)
+    ids = special_ids(vocab)
+    assert (ids.mask, ids.smask, ids.gmask, ids.sop, ids.eop) == (3, 4, 5, 6, 7)  # the reference's ids
+    docs = [",".join(map(str, vocab.tokenizer.encode(sources.read_text(p)) + [ids.eos])) + ","
+            for p in sorted(glob.glob(f"{corpus}/docs/*.txt"))]
+    seen = collections.Counter()
+    for batch in _take(make_pipeline(cfg, "train", process_index=0, process_count=1), 6):
+        for ex in _segments(batch):
+            if ex["bidirectional"].any():
+                check_infill_layout(ex, cfg.seq_len)
+                chunk, spans = decode(ex)
+                np.testing.assert_array_equal(ex["loss_weights"] > 0, ex["bidirectional"] == 0)
+                seen[int(ex["tokens"][spans[0][0]])] += 1
+            else:  # causal: targets are the next tokens; loss everywhere
+                np.testing.assert_array_equal(ex["targets"][:-1], ex["tokens"][1:])
+                assert (ex["loss_weights"] == 1).all()
+                chunk = np.concatenate([ex["tokens"], ex["targets"][-1:]])
+                seen["causal"] += 1
+            needle = ",".join(map(str, chunk)) + ","
+            assert any(("," + d).find("," + needle) >= 0 for d in docs), "segment is not a piece of any document"
+    assert set(seen) == {3, 4, 5, "causal"}, seen
+
+
+def test_packed_segments_never_see_each_other_through_the_model_mask(corpus):
+    from pallas_kernels.reference import attention_xla, glm_mask
+
+    cfg = _cfg(corpus)
+    batches = _take(make_pipeline(cfg, "train", process_index=0, process_count=1), 4)
+    seg = np.concatenate([b["segment_ids"] for b in batches])
+    bidir = np.concatenate([b["bidirectional"] for b in batches])
+    assert (seg.max(axis=1) >= 2).sum() >= 2
+    mask = np.asarray(glm_mask(seg, bidir, batch=seg.shape[0], q_len=cfg.seq_len, kv_len=cfg.seq_len))
+    same = (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] != 0)
+    assert not (mask & ~same).any()
+    # Part A sees all of its Part A (bidirectional) and no Part B; Part B sees Part A and its past.
+    for r in range(seg.shape[0]):
+        for s in range(1, seg[r].max() + 1):
+            idx = np.flatnonzero(seg[r] == s)
+            a = idx[bidir[r, idx] == 1]
+            if len(a):
+                assert mask[r][np.ix_(a, a)].all() and not mask[r][np.ix_(a, idx[len(a):])].any()
+    # Perturbing one segment's keys/values leaves every other segment's attention output unchanged.
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((seg.shape[0], cfg.seq_len, 2, 8)).astype(np.float32) for _ in range(3))
+    row = int(np.argmax(seg.max(axis=1)))
+    k2, v2 = k.copy(), v.copy()
+    hit = seg[row] == 2
+    k2[row, hit] += 3.0
+    v2[row, hit] -= 5.0
+    out1 = np.asarray(attention_xla(q, k, v, seg, bidir))
+    out2 = np.asarray(attention_xla(q, k2, v2, seg, bidir))
+    keep = seg[row] != 2
+    np.testing.assert_allclose(out1[row, keep], out2[row, keep], rtol=0, atol=1e-6)
+    assert not np.allclose(out1[row, hit], out2[row, hit])
+
+
+def test_host_shards_are_disjoint_and_cover_the_split(corpus):
+    from glmjax.data import sources
+    from glmjax.data.tasks import FileSource
+
+    spec = sources.parse_spec(f"text:{corpus}/docs/*.txt")
+    src = FileSource(spec, validation_fraction=0.05)
+    everything = sorted(sources.read_text(p) for p in sources.list_files(spec, "train"))
+    for count in (2, 3):
+        shards = []
+        for index in range(count):
+            ds = src.get_dataset("train", shuffle=True, seed=3, shard_info=seqio.ShardInfo(index, count))
+            shards.append([ex["text"].decode() for ex in ds.as_numpy_iterator()])
+        assert sorted(sum(shards, [])) == everything  # disjoint and together all of it
+    cfg = _cfg(corpus)
+    a = next(make_pipeline(cfg, "train", process_index=0, process_count=2))
+    b = next(make_pipeline(cfg, "train", process_index=1, process_count=2))
+    assert a["tokens"].shape == (cfg.batch_size // 2, cfg.seq_len)
+    assert not np.array_equal(a["tokens"], b["tokens"])
+
+
+def test_missing_paths_fail_with_the_path_and_a_fix(tmp_path):
+    for task, words in ((f"text:{tmp_path}/nothing/*.txt", "matches no file"),
+                        (f"jsonl:{tmp_path}/missing.jsonl@body", "does not exist")):
+        cfg = testing.data_config(task, cache_dir=str(tmp_path / "cache"))
+        with pytest.raises(FileNotFoundError, match=words) as err:
+            make_pipeline(cfg, "train", process_index=0, process_count=1)
+        assert str(tmp_path) in str(err.value) and "Fix" in str(err.value)
+
+
+def test_bad_bytes_empty_files_and_one_huge_file_are_handled(tmp_path, caplog):
+    from glmjax.data import sources
+    from glmjax.data.tasks import FileSource
+
+    docs = tmp_path / "docs"
+    testing.write_corpus(str(docs), 6, seed=4)
+    (docs / "bad.txt").write_bytes(b"def f():\n    return '\xff\xfe caf\xc3 \x80'\n" * 50)
+    (docs / "empty1.txt").write_bytes(b"")
+    (docs / "empty2.txt").write_bytes(b"")
+    with caplog.at_level("WARNING"):
+        files = sources.list_files(sources.parse_spec(f"text:{docs}/*.txt"), "train")
+    assert "skipped 2 empty file(s)" in caplog.text
+    src = FileSource(sources.parse_spec(f"text:{docs}/bad.txt"), 0.05)
+    (text,) = [ex["text"].decode() for ex in src.get_dataset("train", shuffle=False).as_numpy_iterator()]
+    assert "\ufffd" in text and "def f():" in text
+    assert len(files) >= 1
+    cfg = testing.data_config(f"text:{docs}/*.txt", cache_dir=str(tmp_path / "cache"), mask=1.0, causal=0.0)
+    batch = next(make_pipeline(cfg, "train", process_index=0, process_count=1))
+    assert batch["loss_weights"].sum() > 0
+    # one file of ~1.5 MB: one document, chunked; both splits read it
+    rng = np.random.default_rng(0)
+    huge = tmp_path / "huge.txt"
+    huge.write_text(testing.random_text(rng, 25_000))
+    cfg = testing.data_config(f"text:{huge}", cache_dir=str(tmp_path / "cache"), gmask=1.0, causal=0.0)
+    for split in ("train", "validation"):
+        pipe = make_pipeline(cfg, split, process_index=0, process_count=1)
+        for batch in _take(pipe, 3):
+            assert (batch["segment_ids"] > 0).mean() > 0.8
+        pipe.close()
+
+
+def test_jsonl_source_and_mixture(tmp_path):
+    rng = np.random.default_rng(5)
+    lines = [json.dumps({"body": testing.random_text(rng, 30), "id": i}) for i in range(200)]
+    lines.insert(7, "not json")
+    (tmp_path / "a.jsonl").write_text("\n".join(lines) + "\n")
+    testing.write_corpus(str(tmp_path / "docs"), 10, seed=6)
+    task = f"jsonl:{tmp_path}/a.jsonl@body=0.5;text:{tmp_path}/docs/*.txt=0.5"
+    cfg = testing.data_config(task, cache_dir=str(tmp_path / "cache"), gmask=0.7, mask=0.3, causal=0.0)
+    for split in ("train", "validation"):
+        batch = next(make_pipeline(cfg, split, process_index=0, process_count=1))
+        assert batch["bidirectional"].any() and batch["loss_weights"].sum() > 0

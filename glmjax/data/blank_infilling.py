@@ -68,19 +68,20 @@ class ObjectiveSpec:
 
 
 def poisson_spans(n: int, rng: np.random.Generator, ratio: float, lam: float) -> np.ndarray:
-    """Non-overlapping ``[start, length]`` rows (sorted) covering ceil(ratio*n) of n tokens.
+    """Non-overlapping ``[start, length]`` rows (sorted) covering at least ceil(ratio*n) of n tokens.
 
-    Lengths ~ max(1, Poisson(lam)) are drawn until they cover the target; the last one is cut to hit
-    it exactly. Spans are separated by at least one unmasked token, gaps placed uniformly.
+    Lengths ~ max(1, Poisson(lam)) are drawn until they cover the target (the last one may overshoot,
+    so coverage is a little above ``ratio`` on short chunks). Spans are separated by at least one
+    unmasked token; the gaps are placed uniformly at random.
     """
     target = max(1, math.ceil(ratio * n))
     lengths = np.maximum(1, rng.poisson(lam, size=target))
     k = int(np.searchsorted(np.cumsum(lengths), target)) + 1
-    lengths = lengths[:k].copy()
-    lengths[-1] -= lengths.sum() - target
+    lengths = lengths[:k]
+    covered = int(lengths.sum())
     # Interior gaps >= 1: distribute the remaining free tokens over k+1 gaps uniformly.
-    free = n - target - (k - 1)
-    if free < 0:  # chunk too short for this many spans: merge into one
+    free = n - covered - (k - 1)
+    if free < 0:  # chunk too short for these spans: one span of the target length
         return np.array([[0, min(target, n - 1)]], dtype=np.int64)
     bars = np.sort(rng.choice(free + k, size=k, replace=False))
     gaps = np.diff(np.concatenate([[-1], bars])) - 1  # k leading gaps of a composition of `free`

@@ -74,7 +74,8 @@ class FileSource(seqio.DataSource):
             return (text or "").encode("utf-8")
 
         lines = tf.data.TextLineDataset(path).enumerate()
-        return lines.map(lambda i, line: tf.numpy_function(parse, [path, i, line], tf.string, stateful=False))
+        return lines.map(lambda i, line: tf.ensure_shape(
+            tf.numpy_function(parse, [path, i, line], tf.string, stateful=False), []))
 
 
 def _tokenize(ds: tf.data.Dataset, output_features) -> tf.data.Dataset:
