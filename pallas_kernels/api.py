@@ -100,7 +100,8 @@ def flash_attention(q, k, v, segment_ids=None, bidirectional=None, *, causal=Tru
       bidirectional: ``[B, T]`` bool/int, keys every query of the segment sees (GLM Part A).
       causal: False drops the ``j <= i`` condition (segments still apply).
       implementation: ``auto | xla | pallas_tpu | pallas_gpu | cudnn | cudnn_dense``.
-      interpret: run Pallas kernels in interpret mode (needed on CPU).
+      interpret: run Pallas kernels in interpret mode (needed on CPU). ``True`` is the generic
+        interpreter; ``pltpu.InterpretParams()`` runs "pallas_tpu" under the TPU-semantics one.
       block_sizes: ``BlockSizes``, ``(block_q, block_k)`` or a dict; None picks defaults.
 
     Returns ``[B, T, H, D]``; rows that see no key (padding) are 0.
@@ -126,5 +127,6 @@ def flash_attention(q, k, v, segment_ids=None, bidirectional=None, *, causal=Tru
     if impl == "pallas_gpu" and (D < 16 or D & (D - 1)):
         raise ValueError(f"pallas_gpu needs a power-of-two head_dim >= 16 (Triton tiles), got {D}")
     bs = _block_sizes(block_sizes, impl, D, q.shape[1])
-    cfg = KernelConfig(impl, bool(causal), bs.block_q, bs.block_k, bool(interpret))
+    interpret = interpret if interpret and not isinstance(interpret, bool) else bool(interpret)
+    cfg = KernelConfig(impl, bool(causal), bs.block_q, bs.block_k, interpret)
     return flash(q, k, v, segment_ids, bidirectional, cfg)

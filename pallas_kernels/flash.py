@@ -24,7 +24,7 @@ class KernelConfig:
     causal: bool
     block_q: int
     block_k: int
-    interpret: bool
+    interpret: object  # False, True, or a hashable interpreter config (pltpu.InterpretParams)
 
 
 def _module(backend: str):

@@ -67,11 +67,11 @@ def numpy_attention(q, k, v, mask, do):
     return o, (dq, dk, dv)
 
 
-def run(impl, q, k, v, seg, bid, do, *, causal, block_sizes=None):
+def run(impl, q, k, v, seg, bid, do, *, causal, block_sizes=None, interpret=True):
     """Output and (dq, dk, dv) in one jitted call."""
     def f(q, k, v):
         return pallas_kernels.flash_attention(q, k, v, seg, bid, causal=causal, implementation=impl,
-                                              interpret=True, block_sizes=block_sizes)
+                                              interpret=interpret, block_sizes=block_sizes)
 
     @jax.jit
     def go(q, k, v, do):
@@ -170,6 +170,21 @@ def test_non_prefix_bidirectional_and_split_segments(impl):
     seg_np[0, 100:110] = 1  # segment 1 again, far from its first occurrence
     o, grads = run(impl, q, k, v, jnp.asarray(seg_np), jnp.asarray(bid_np), do, causal=True,
                    block_sizes=(32, 32))
+    o_np, grads_np = numpy_attention(q, k, v, dense_mask(seg_np, bid_np, True), do)
+    assert_close(o, o_np, 1e-5, "out")
+    for name, g, gn in zip("qkv", grads, grads_np):
+        assert_close(g, gn, 1e-5, f"d{name}")
+
+
+def test_tpu_kernel_under_tpu_semantics_interpreter():
+    """pallas_tpu under ``pltpu.InterpretParams`` (simulated DMAs, SMEM/VMEM, scalar prefetch)."""
+    from jax.experimental.pallas import tpu as pltpu
+    rng = np.random.default_rng(21)
+    B, T, H, K, D = 1, 200, 2, 1, 128
+    q, k, v, do = random_qkvd(rng, B, T, H, K, D, jnp.float32)
+    seg_np, bid_np = packed_mask_inputs(rng, B, T)
+    o, grads = run("pallas_tpu", q, k, v, jnp.asarray(seg_np), jnp.asarray(bid_np), do, causal=True,
+                   block_sizes=(128, 128), interpret=pltpu.InterpretParams())
     o_np, grads_np = numpy_attention(q, k, v, dense_mask(seg_np, bid_np, True), do)
     assert_close(o, o_np, 1e-5, "out")
     for name, g, gn in zip("qkv", grads, grads_np):
