@@ -1,0 +1,1 @@
+"""Export of glmjax checkpoints to Hugging Face / PyTorch (DESIGN.md §7)."""
