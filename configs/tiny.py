@@ -34,6 +34,9 @@ def get_config():
     c.optimizer.lr = 3e-3
     c.optimizer.warmup_steps = 20
     c.optimizer.weight_decay = 0.01
+    c.objective.causal = 0.0  # the GLM-130B objective mix: 30% [MASK] spans, 70% [gMASK] suffixes
+    c.objective.mask = 0.3
+    c.objective.gmask = 0.7
     c.checkpoint.every = 100
     c.checkpoint.keep = 2
     return c

@@ -129,9 +129,17 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_path: str, max_ch
     if not lines:
         raise ValueError(f"no text to train a tokenizer for {out_path}")
     model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines), model_writer=model, **trainer_settings(vocab_size)
-    )
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(lines), model_writer=model, **trainer_settings(vocab_size)
+        )
+    except RuntimeError as e:
+        if "required_chars" not in str(e) and "too high" not in str(e):
+            raise
+        raise ValueError(
+            f"cannot train a {vocab_size}-piece tokenizer for {out_path}: {e}. It needs room for 8 special "
+            "pieces, 256 byte pieces and the corpus's characters. Fix: raise model.vocab_size (>= 512 is safe)."
+        ) from e
     out_dir = os.path.dirname(os.path.abspath(out_path))
     os.makedirs(out_dir, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".tmp")
