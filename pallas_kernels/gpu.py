@@ -22,14 +22,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 from pallas_kernels import block_mask as bm
-from pallas_kernels.tpu import EMPTY_LSE, NEG, _mask
-
-_NT = (((1,), (1,)), ((), ()))
-_NN = (((1,), (0,)), ((), ()))
-
-
-def _dot(a, b, dims):
-    return lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
+from pallas_kernels.common import EMPTY_LSE, NEG, NN, NT, dot, element_mask
 
 
 def _hull(lo, hi, block, length):
@@ -70,10 +63,10 @@ def _fwd_kernel(q_ref, k_ref, v_ref, lo_ref, hi_ref, flo_ref, fhi_ref, segq_ref,
     def visit(j, carry, masked):
         m, l, acc = carry
         ks = pl.multiple_of(j * bk, bk)
-        s = _dot(q, k_ref[pl.ds(ks, bk), :], _NT) * scale
+        s = dot(q, k_ref[pl.ds(ks, bk), :], NT) * scale
         if masked:
             k_pos = ks + jnp.arange(bk, dtype=jnp.int32)
-            mask = _mask(seg_q[:, None], segk_ref[pl.ds(ks, bk)][None, :],
+            mask = element_mask(seg_q[:, None], segk_ref[pl.ds(ks, bk)][None, :],
                          bidk_ref[pl.ds(ks, bk)][None, :], q_pos[:, None], k_pos[None, :], causal)
             s = jnp.where(mask, s, NEG)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
@@ -82,7 +75,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, lo_ref, hi_ref, flo_ref, fhi_ref, segq_ref,
             p = jnp.where(mask, p, 0.0)
         alpha = jnp.exp(m - m_new)
         v = v_ref[pl.ds(ks, bk), :]
-        acc = alpha[:, None] * acc + _dot(p.astype(v.dtype), v, _NN)
+        acc = alpha[:, None] * acc + dot(p.astype(v.dtype), v, NN)
         return m_new, alpha * l + jnp.sum(p, axis=1), acc
 
     init = (jnp.full((bq,), NEG, jnp.float32), jnp.zeros((bq,), jnp.float32),
@@ -108,15 +101,15 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, lo_ref, hi_ref, 
     def visit(j, dq, masked):
         ks = pl.multiple_of(j * bk, bk)
         k = k_ref[pl.ds(ks, bk), :]
-        p = jnp.exp(_dot(q, k, _NT) * scale - lse[:, None])
+        p = jnp.exp(dot(q, k, NT) * scale - lse[:, None])
         if masked:
             k_pos = ks + jnp.arange(bk, dtype=jnp.int32)
-            mask = _mask(seg_q[:, None], segk_ref[pl.ds(ks, bk)][None, :],
+            mask = element_mask(seg_q[:, None], segk_ref[pl.ds(ks, bk)][None, :],
                          bidk_ref[pl.ds(ks, bk)][None, :], q_pos[:, None], k_pos[None, :], causal)
             p = jnp.where(mask, p, 0.0)
-        dp = _dot(do, v_ref[pl.ds(ks, bk), :], _NT)
+        dp = dot(do, v_ref[pl.ds(ks, bk), :], NT)
         ds = p * (dp - delta[:, None])
-        return dq + _dot(ds.astype(k.dtype), k, _NN)
+        return dq + dot(ds.astype(k.dtype), k, NN)
 
     dq = _walk(_hull(rows[0], rows[1], bk, T), bm.full_interval(rows[2], rows[3], bk),
                functools.partial(visit, masked=True), functools.partial(visit, masked=False),
@@ -140,15 +133,15 @@ def _dkv_kernel(q_ref, do_ref, lse_ref, delta_ref, lo_ref, hi_ref, flo_ref, fhi_
         dk, dv = carry
         qs = pl.multiple_of(n * bq, bq)
         q, do = q_ref[g, pl.ds(qs, bq), :], do_ref[g, pl.ds(qs, bq), :]
-        p_t = jnp.exp(_dot(k, q, _NT) * scale - lse_ref[g, pl.ds(qs, bq)][None, :])  # [bk, bq]
+        p_t = jnp.exp(dot(k, q, NT) * scale - lse_ref[g, pl.ds(qs, bq)][None, :])  # [bk, bq]
         if masked:
             q_pos = qs + jnp.arange(bq, dtype=jnp.int32)
-            mask = _mask(segq_ref[pl.ds(qs, bq)][None, :], seg_k[:, None], bid_k[:, None],
+            mask = element_mask(segq_ref[pl.ds(qs, bq)][None, :], seg_k[:, None], bid_k[:, None],
                          q_pos[None, :], k_pos[:, None], causal)
             p_t = jnp.where(mask, p_t, 0.0)
-        dv = dv + _dot(p_t.astype(do.dtype), do, _NN)
-        ds_t = p_t * (_dot(v, do, _NT) - delta_ref[g, pl.ds(qs, bq)][None, :])
-        return dk + _dot(ds_t.astype(q.dtype), q, _NN), dv
+        dv = dv + dot(p_t.astype(do.dtype), do, NN)
+        ds_t = p_t * (dot(v, do, NT) - delta_ref[g, pl.ds(qs, bq)][None, :])
+        return dk + dot(ds_t.astype(q.dtype), q, NN), dv
 
     def kind_of(n):
         rows = tuple(r[pl.ds(n * bq, bq)] for r in (lo_ref, hi_ref, flo_ref, fhi_ref))

@@ -20,24 +20,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels import block_mask as bm
-
-NEG = -1e30  # finite "minus infinity": keeps fully masked rows free of inf - inf
-EMPTY_LSE = 1e30  # log-sum-exp stored for rows that see nothing: exp(s - EMPTY_LSE) == 0
-
-_NT = (((1,), (1,)), ((), ()))  # a @ b.T
-_NN = (((1,), (0,)), ((), ()))  # a @ b
-
-
-def _dot(a, b, dims):
-    return lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
-
-
-def _mask(seg_q, seg_k, bid_k, q_pos, k_pos, causal):
-    """Exact GLM mask for a tile; all operands broadcast to the tile shape."""
-    m = (seg_q == seg_k) & (seg_q != 0)
-    if causal:
-        m = m & ((k_pos <= q_pos) | (bid_k != 0))
-    return m
+from pallas_kernels.common import EMPTY_LSE, NEG, NN, NT, dot, element_mask
 
 
 def _fwd_kernel(kv_idx, kv_kind, q_ref, k_ref, v_ref, segq_ref, segk_ref, bidk_ref,
@@ -52,11 +35,11 @@ def _fwd_kernel(kv_idx, kv_kind, q_ref, k_ref, v_ref, segq_ref, segk_ref, bidk_r
         acc_sc[...] = jnp.zeros(acc_sc.shape, jnp.float32)
 
     def step(masked):
-        s = _dot(q_ref[...], k_ref[...], _NT) * scale
+        s = dot(q_ref[...], k_ref[...], NT) * scale
         if masked:
             q_pos = i * bq + lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
             k_pos = kv_idx[flat] * bk + lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
-            mask = _mask(segq_ref[...], segk_ref[...], bidk_ref[...], q_pos, k_pos, causal)
+            mask = element_mask(segq_ref[...], segk_ref[...], bidk_ref[...], q_pos, k_pos, causal)
             s = jnp.where(mask, s, NEG)
         m_prev = m_sc[...]
         m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
@@ -65,7 +48,7 @@ def _fwd_kernel(kv_idx, kv_kind, q_ref, k_ref, v_ref, segq_ref, segk_ref, bidk_r
             p = jnp.where(mask, p, 0.0)
         alpha = jnp.exp(m_prev - m_new)
         l_sc[...] = alpha * l_sc[...] + jnp.sum(p, axis=1, keepdims=True)
-        acc_sc[...] = alpha * acc_sc[...] + _dot(p.astype(v_ref.dtype), v_ref[...], _NN)
+        acc_sc[...] = alpha * acc_sc[...] + dot(p.astype(v_ref.dtype), v_ref[...], NN)
         m_sc[...] = m_new
 
     kind = kv_kind[flat]
@@ -91,16 +74,16 @@ def _dq_kernel(kv_idx, kv_kind, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
 
     def step(masked):
         k = k_ref[...]
-        s = _dot(q_ref[...], k, _NT) * scale
+        s = dot(q_ref[...], k, NT) * scale
         p = jnp.exp(s - lse_ref[...])
         if masked:
             q_pos = i * bq + lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
             k_pos = kv_idx[flat] * bk + lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
-            mask = _mask(segq_ref[...], segk_ref[...], bidk_ref[...], q_pos, k_pos, causal)
+            mask = element_mask(segq_ref[...], segk_ref[...], bidk_ref[...], q_pos, k_pos, causal)
             p = jnp.where(mask, p, 0.0)
-        dp = _dot(do_ref[...], v_ref[...], _NT)
+        dp = dot(do_ref[...], v_ref[...], NT)
         ds = p * (dp - delta_ref[...])
-        dq_sc[...] += _dot(ds.astype(k.dtype), k, _NN)
+        dq_sc[...] += dot(ds.astype(k.dtype), k, NN)
 
     kind = kv_kind[flat]
     pl.when(kind == bm.FULL)(lambda: step(False))
@@ -124,17 +107,17 @@ def _dkv_kernel(q_idx, q_kind, q_ref, do_ref, lse_ref, delta_ref, segq_ref, k_re
 
     def step(masked):
         q, do = q_ref[...], do_ref[...]
-        s_t = _dot(k_ref[...], q, _NT) * scale  # [bk, bq]
+        s_t = dot(k_ref[...], q, NT) * scale  # [bk, bq]
         p_t = jnp.exp(s_t - lse_ref[...])
         if masked:
             k_pos = j * bk + lax.broadcasted_iota(jnp.int32, (bk, bq), 0)
             q_pos = q_idx[flat] * bq + lax.broadcasted_iota(jnp.int32, (bk, bq), 1)
-            mask = _mask(segq_ref[...], segk_ref[...], bidk_ref[...], q_pos, k_pos, causal)
+            mask = element_mask(segq_ref[...], segk_ref[...], bidk_ref[...], q_pos, k_pos, causal)
             p_t = jnp.where(mask, p_t, 0.0)
-        dv_sc[...] += _dot(p_t.astype(do.dtype), do, _NN)
-        dp_t = _dot(v_ref[...], do, _NT)
+        dv_sc[...] += dot(p_t.astype(do.dtype), do, NN)
+        dp_t = dot(v_ref[...], do, NT)
         ds_t = p_t * (dp_t - delta_ref[...])
-        dk_sc[...] += _dot(ds_t.astype(q.dtype), q, _NN)
+        dk_sc[...] += dot(ds_t.astype(q.dtype), q, NN)
 
     kind = q_kind[flat]
     pl.when(kind == bm.FULL)(lambda: step(False))
