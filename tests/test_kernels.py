@@ -211,6 +211,34 @@ def test_empty_blocks_are_never_loaded(impl):
     assert np.all(grads[1][:, 96:] == 0) and np.all(grads[2][:, 96:] == 0)
 
 
+@pytest.mark.parametrize("kv_heads, masks", [(1, True), (2, False)], ids=["mqa_glm", "gqa_causal"])
+def test_sharded_on_mesh(kv_heads, masks):
+    """``sharded_flash_attention`` on a (data, fsdp, tensor) = (2, 2, 2) mesh: per-device kernels
+    under shard_map; with 1 kv head the heads cannot split over tensor=2 and stay replicated."""
+    from jax.sharding import Mesh
+    mesh = Mesh(np.asarray(jax.devices()[:8]).reshape(2, 2, 2), ("data", "fsdp", "tensor"))
+    rng = np.random.default_rng(40 + kv_heads)
+    B, T, H, D = 4, 96, 4, 64
+    q, k, v, do = random_qkvd(rng, B, T, H, kv_heads, D, jnp.float32)
+    seg_np, bid_np = packed_mask_inputs(rng, B, T) if masks else (np.ones((B, T), np.int32),
+                                                                  np.zeros((B, T), np.int32))
+    seg, bid = (jnp.asarray(seg_np), jnp.asarray(bid_np)) if masks else (None, None)
+
+    @jax.jit
+    def go(q, k, v, do):
+        f = lambda q, k, v: pallas_kernels.sharded_flash_attention(
+            q, k, v, seg, bid, mesh=mesh, implementation="pallas_gpu", interpret=True,
+            block_sizes=(32, 32))
+        o, vjp = jax.vjp(f, q, k, v)
+        return o, vjp(do)
+
+    o, grads = go(q, k, v, do)
+    o_np, grads_np = numpy_attention(q, k, v, dense_mask(seg_np, bid_np, True), do)
+    assert_close(np.asarray(o), o_np, 1e-5, "out")
+    for name, g, gn in zip("qkv", grads, grads_np):
+        assert_close(np.asarray(g), gn, 1e-5, f"d{name}")
+
+
 # ----------------------------------------------------------------------------- block counts
 @pytest.mark.parametrize("causal", [True, False])
 def test_block_counts_match_dense_mask(causal):
