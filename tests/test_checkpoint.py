@@ -23,8 +23,8 @@ import optax
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from glmjax.checkpoint import (CheckpointError, Checkpointer, ConfigMismatchError, check_compatible,
-                               fingerprints)
+from glmjax.checkpoint import (FINGERPRINT_DIR, CheckpointError, Checkpointer, ConfigMismatchError,
+                               check_compatible, fingerprints)
 
 D, H, V, B = 128, 256, 64, 16  # toy MLP language model: embed V->D, hidden H, batch B
 # (arrays big enough that orbax stores their chunks out of line, in the array files, not in b-tree nodes)
@@ -146,6 +146,7 @@ def test_roundtrip_survives_donation_after_async_save(tmp_path):
         state, _ = step_fn(state, batch(s))
     assert ckpt.save(4, state, {"position": 4}) is False  # not a multiple of every
     ckpt.wait()
+    assert (tmp_path / FINGERPRINT_DIR / "3.json").exists()  # computed before the donation; checked below
     restored, data_state, step = ckpt.restore(abstract_state(mesh))
     ckpt.close()
     assert step == 3 and data_state == {"position": 3}
@@ -168,6 +169,7 @@ def test_retention_keeps_latest_and_best(tmp_path):
     train(again, mesh, 14, state=state, start=step)
     again.close()
     assert step_dirs(tmp_path) == [4, 12, 14]
+    assert sorted(int(p.stem) for p in (tmp_path / FINGERPRINT_DIR).glob("*.json")) == [4, 12, 14]
 
 
 def _largest_array_file(step_dir: Path) -> Path:
@@ -302,7 +304,7 @@ def test_saved_items_and_sync_mode(tmp_path):
     step_dir = tmp_path / "checkpoints" / "1"
     assert json.loads((step_dir / "config" / "config.json").read_text())["model"]["hidden"] == H
     assert json.loads((step_dir / "data" / "process_0.json").read_text()) == {"position": 1}
-    assert set(json.loads((step_dir / "integrity" / "fingerprints.json").read_text())["state"]) == set(
+    assert set(json.loads((tmp_path / FINGERPRINT_DIR / "1.json").read_text())["state"]) == set(
         fingerprints(init_state(mesh)))
     assert ckpt.save(1, init_state(mesh), {}, force=True) is False  # already saved: skipped
     ckpt.close()

@@ -85,10 +85,12 @@ def test_sigkill_and_sigterm_resume_exactly(tmp_path):
           f"committed: {committed_steps(run)}")
 
     # 2. Resume, then SIGTERM at a random later step: exit 0 with a checkpoint of the step reached.
+    stale_inode = (run / "metrics.jsonl").stat().st_ino  # the resumed run rewrites the file (new inode)
     proc = start(run, "resumed")
     resumed_from = max(committed_steps(run))
     term_at = rng.randint(resumed_from + 2, STEPS - 2)
-    wait_until(proc, lambda: max(metrics(run), default=0) >= term_at, f"step {term_at}")
+    wait_until(proc, lambda: (run / "metrics.jsonl").stat().st_ino != stale_inode
+               and max(metrics(run), default=0) >= term_at, f"step {term_at}")
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=120) == 0, log_text(run, "resumed")
     reached = max(metrics(run))

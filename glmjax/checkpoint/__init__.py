@@ -5,8 +5,8 @@ Layout (one orbax ``CheckpointManager`` step directory per saved step)::
     WORKDIR/checkpoints/<step>/state/                    train state (StandardSave: tensorstore, OCDBT)
     WORKDIR/checkpoints/<step>/data/process_<i>.json     data-iterator state of host i (one file per host)
     WORKDIR/checkpoints/<step>/config/config.json        the full run config
-    WORKDIR/checkpoints/<step>/integrity/fingerprints.json   a fingerprint per state leaf
     WORKDIR/checkpoints/<step>/metrics/metrics           {"eval_loss": ...} (ranks the "best" checkpoint)
+    WORKDIR/checkpoint_fingerprints/<step>.json          a fingerprint per state leaf (see integrity.py)
 
 Why the data item is one file per host: every host feeds only its own shard of the data, so each has its
 own iterator position. orbax's ``JsonCheckpointHandler`` writes on the primary host only, unless its
@@ -27,9 +27,9 @@ Retention: the latest ``checkpoint.keep`` steps plus the one with the lowest eva
 See docs/checkpoints.md for resuming, preemption and restoring into another mesh.
 """
 from glmjax.checkpoint.integrity import fingerprints
-from glmjax.checkpoint.manager import DAMAGED_DIR, CheckpointError, Checkpointer
+from glmjax.checkpoint.manager import DAMAGED_DIR, FINGERPRINT_DIR, CheckpointError, Checkpointer
 from glmjax.checkpoint.run_files import (CHECKPOINT_DIR, ConfigMismatchError, check_compatible, config_to_dict,
                                          saved_config)
 
-__all__ = ["CHECKPOINT_DIR", "DAMAGED_DIR", "CheckpointError", "Checkpointer", "ConfigMismatchError",
+__all__ = ["CHECKPOINT_DIR", "DAMAGED_DIR", "FINGERPRINT_DIR", "CheckpointError", "Checkpointer", "ConfigMismatchError",
            "check_compatible", "config_to_dict", "fingerprints", "saved_config"]

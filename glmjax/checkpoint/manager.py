@@ -15,12 +15,13 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
-from glmjax.checkpoint.integrity import fingerprints, local_int, verify
+from glmjax.checkpoint.integrity import FingerprintStore, local_int
 from glmjax.checkpoint.run_files import CHECKPOINT_DIR, check_compatible, config_to_dict, step_dirs
 
 log = logging.getLogger("glmjax.checkpoint")
 
 DAMAGED_DIR = "checkpoints_damaged"
+FINGERPRINT_DIR = "checkpoint_fingerprints"
 DEFAULTS = {"every": 500, "keep": 3, "async_save": True, "verify": True}
 
 
@@ -65,7 +66,7 @@ class Checkpointer:
         self.every = int(_ckpt_option(cfg, "every"))
         self.keep = max(1, int(_ckpt_option(cfg, "keep")))
         self.async_save = bool(_ckpt_option(cfg, "async_save"))
-        self.fingerprint = bool(_ckpt_option(cfg, "verify"))
+        self._fingerprints = FingerprintStore(self.workdir / FINGERPRINT_DIR, bool(_ckpt_option(cfg, "verify")))
         self._config = config_to_dict(cfg)
         if restart:
             check_compatible(self.workdir, cfg)
@@ -73,6 +74,7 @@ class Checkpointer:
             self._move_aside(self.directory, self.workdir / f"{CHECKPOINT_DIR}.old-{time.strftime('%Y%m%d-%H%M%S')}",
                              "--restart=false: starting over; the old checkpoints")
         self._mngr = self._make_manager()
+        self._fingerprints.prune(self._mngr.all_steps())
         self._sigterm = threading.Event()
         self._previous_handler = None
         self._save_started: dict[int, float] = {}
@@ -88,7 +90,6 @@ class Checkpointer:
                 filename=f"process_{jax.process_index()}.json",
                 multiprocessing_options=ocp.options.MultiprocessingOptions(primary_host=None)),
             "config": ocp.JsonCheckpointHandler(filename="config.json"),
-            "integrity": ocp.JsonCheckpointHandler(filename="fingerprints.json"),
         }
         return ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
@@ -156,8 +157,7 @@ class Checkpointer:
             if not (step_dir / item).exists():
                 raise FileNotFoundError(f"item {item!r} is missing ({step_dir / item})")
         for path in [step_dir / "_CHECKPOINT_METADATA", step_dir / "state" / "_METADATA",
-                     *(step_dir / "data").glob("*.json"), *(step_dir / "config").glob("*.json"),
-                     *(step_dir / "integrity").glob("*.json")]:
+                     *(step_dir / "data").glob("*.json"), *(step_dir / "config").glob("*.json")]:
             try:
                 json.loads(path.read_text()) if path.exists() else None
             except (ValueError, UnicodeDecodeError) as e:
@@ -171,16 +171,12 @@ class Checkpointer:
             log.warning("checkpoint step %d has data-iterator state for %d host(s) but none for host %d: "
                         "the host count changed, so this host's data restarts from its beginning",
                         step, len(saved), jax.process_index())
-        has_integrity = (step_dir / "integrity" / "fingerprints.json").exists()
         args = {"state": ocp.args.StandardRestore(abstract_state)}
         if has_data:
             args["data"] = ocp.args.JsonRestore()
-        if has_integrity:
-            args["integrity"] = ocp.args.JsonRestore()
         restored = self._mngr.restore(step, args=ocp.args.Composite(**args))
         state = restored["state"]
-        if has_integrity:
-            verify(state, restored["integrity"]["state"])
+        self._fingerprints.check(step, state)
         saved_step = local_int(state.step) if hasattr(state, "step") else step
         if saved_step != step:
             raise ValueError(f"state.step={saved_step} does not match the step directory {step}")
@@ -205,12 +201,11 @@ class Checkpointer:
             return False
         loss = None if eval_loss is None or not math.isfinite(float(eval_loss)) else float(eval_loss)
         start = time.perf_counter()
-        items = {"state": ocp.args.StandardSave(state), "data": ocp.args.JsonSave(dict(data_state)),
-                 "config": ocp.args.JsonSave(self._config)}
-        if self.fingerprint:
-            items["integrity"] = ocp.args.JsonSave({"state": fingerprints(state)})
-        args = ocp.args.Composite(**items)
+        self._fingerprints.start(step, state)
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(dict(data_state)),
+                                  config=ocp.args.JsonSave(self._config))
         saved = self._mngr.save(step, args=args, metrics={"eval_loss": loss}, force=True)
+        self._fingerprints.prune(self._mngr.all_steps())  # of steps just dropped by the retention policy
         if saved:
             self._save_started[step] = start
             log.info("checkpoint step %d: save started (%s, blocked %.2fs)", step,
@@ -221,6 +216,8 @@ class Checkpointer:
         """Block until every started save is committed; raises if one failed."""
         self._mngr.wait_until_finished()
         self._mngr.check_for_errors()
+        self._fingerprints.wait()
+        self._fingerprints.prune(self._mngr.all_steps())
         for step, start in self._save_started.items():
             log.info("checkpoint step %d committed to %s (%.2fs after the save started)", step,
                      self.directory / str(step), time.perf_counter() - start)
