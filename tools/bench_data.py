@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 import tempfile
 import time
+
+from glmjax.data.cli import parse_config_args
 
 
 class _TimedIterator:
@@ -99,15 +100,7 @@ def main(argv=None) -> int:
     p.add_argument("--num_batches", type=int, default=300, help="batches timed in the pipeline-only run")
     p.add_argument("--warmup", type=int, default=20, help="batches before the pipeline clock starts")
     p.add_argument("--train_steps", type=int, default=60, help="steps of the real training loop (0 = skip)")
-    args, overrides = p.parse_known_args(argv)
-    bad = [a for a in overrides if not a.startswith("--config.")]
-    if bad:
-        p.error(f"unrecognised arguments {bad}: config overrides are written --config.KEY=VALUE")
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    from glmjax.config import load_config
-
-    cfg = load_config(args.config, overrides)
+    args, cfg = parse_config_args(p, argv)
     res = dict(config=args.config, batch_size=cfg.batch_size, seq_len=cfg.seq_len,
                objective={k: cfg.objective[k] for k in ("causal", "mask", "smask", "gmask")})
     res.update(bench_pipeline(cfg, args.num_batches, args.warmup))

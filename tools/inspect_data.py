@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
-import os
 import sys
+
+from glmjax.data.cli import parse_config_args
 
 
 def main(argv=None) -> int:
@@ -26,18 +26,11 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="", help="write JSON lines here instead of printing")
     p.add_argument("--process_index", type=int, default=0, help="show this host's shard")
     p.add_argument("--process_count", type=int, default=1)
-    args, overrides = p.parse_known_args(argv)
-    bad = [a for a in overrides if not a.startswith("--config.")]
-    if bad:
-        p.error(f"unrecognised arguments {bad}: config overrides are written --config.KEY=VALUE")
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    from glmjax.config import load_config
+    args, cfg = parse_config_args(p, argv)
     from glmjax.data.inspect import segments
     from glmjax.data.pipeline import make_pipeline
     from glmjax.data.vocab import get_vocabulary
 
-    cfg = load_config(args.config, overrides)
     vocab = get_vocabulary(cfg)
     model_file = vocab.sentencepiece_model_file
     pipe = make_pipeline(cfg, args.split, process_index=args.process_index, process_count=args.process_count)

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 
-from glmjax.data import defaults, sources, vocab
+from glmjax.data import defaults, sources
 
 
 def main(argv=None) -> int:
@@ -28,6 +29,10 @@ def main(argv=None) -> int:
     p.add_argument("--validation_fraction", type=float, default=defaults.data_config().validation_fraction)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    import seqio
+
+    from glmjax.data import vocab
 
     spec = sources.parse_spec(args.source)
     out = args.out
@@ -39,20 +44,20 @@ def main(argv=None) -> int:
         cfg.data.tokenizer_sample_chars, cfg.data.validation_fraction = args.sample_chars, args.validation_fraction
         out = vocab.cached_tokenizer_path(cfg)
 
-    t0, seen = time.time(), [0]
+    t0, seen, shown = time.time(), [0], [0.0]
 
-    def texts():  # progress: characters read so far
+    def texts():  # progress: characters read so far, at most every 0.2 s
         for text in sources.iter_texts(spec, "train", args.validation_fraction):
             seen[0] += len(text)
-            print(f"\rreading {spec.key}: {min(seen[0], args.sample_chars):,}/{args.sample_chars:,} chars",
-                  end="", file=sys.stderr, flush=True)
+            if time.time() - shown[0] > 0.2 or seen[0] >= args.sample_chars:
+                shown[0] = time.time()
+                print(f"\rreading {spec.key}: {min(seen[0], args.sample_chars):,}/{args.sample_chars:,} chars",
+                      end="", file=sys.stderr, flush=True)
             yield text
 
     print(f"training a {args.vocab_size}-piece tokenizer on {spec.key} ...", file=sys.stderr)
     vocab.train_tokenizer(texts(), args.vocab_size, out, args.sample_chars)
     print(file=sys.stderr)
-    import seqio
-
     v = seqio.SentencePieceVocabulary(out)
     ids = vocab.special_ids(v)
     print(f"wrote {out} ({v.vocab_size} pieces, {time.time() - t0:.1f}s); special ids: {ids}")

@@ -22,6 +22,7 @@ def data_config(task: str = "stdlib", *, cache_dir: str, seq_len: int = 128, bat
     cfg.data.cache_dir = cache_dir
     cfg.data.tokenizer_sample_chars = 300_000
     cfg.data.shuffle_buffer = 64
+    cfg.data.prefetch = 1  # tests read a few batches: do not compute more in the background
     cfg.objective = defaults.objective_config()
     for k, v in objective.items():
         cfg.objective[k] = v
