@@ -126,6 +126,35 @@ def schedule(kinds_BIJ: jax.Array):
     return index, kind.astype(jnp.int32), count
 
 
+def visit_list(kinds_BIJ: jax.Array):
+    """One flat list of grid steps over the non-empty blocks of all rows ``(b, i)`` of ``kinds``.
+
+    Row ``r = b * I + i`` contributes one step per non-empty ``j`` (ascending), or a single EMPTY
+    step when it has none (so its output block is still written, as zeros). Returns
+    ``(row, code, total)``: int32 arrays of static length ``B * I * J`` -- of which the first
+    ``total`` (a traced scalar, the grid extent) are used -- with
+    ``code = j * 16 + kind * 4 + 2 * last + first`` (``first``/``last``: the row's first/last step).
+    """
+    B, I, J = kinds_BIJ.shape
+    R = B * I
+    index, kind, count = (x.reshape(R, -1) for x in schedule(kinds_BIJ))
+    steps = jnp.maximum(count[:, 0], 1)
+    ends = jnp.cumsum(steps)
+    s = jnp.arange(R * J, dtype=jnp.int32)
+    row = jnp.minimum(jnp.searchsorted(ends, s, side="right"), R - 1).astype(jnp.int32)
+    n = jnp.clip(s - (ends - steps)[row], 0, J - 1)
+    first = (n == 0).astype(jnp.int32)
+    last = (n == steps[row] - 1).astype(jnp.int32)
+    code = index[row, n] * 16 + kind[row, n] * 4 + last * 2 + first
+    return row, code, ends[-1].astype(jnp.int32)
+
+
+def decode_visit(code):
+    """``(j, kind, first, last)`` from a ``visit_list`` code (scalar ops only; usable in kernels)."""
+    return (lax.div(code, 16), lax.rem(lax.div(code, 4), 4), lax.rem(code, 2) == 1,
+            lax.rem(lax.div(code, 2), 2) == 1)
+
+
 def padded_length(seq_len: int, block_q: int, block_k: int) -> int:
     """Smallest length >= seq_len divisible by both block sizes."""
     m = max(block_q, block_k)
