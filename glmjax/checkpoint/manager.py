@@ -198,6 +198,7 @@ class Checkpointer:
         if not (force or self.should_save(step)):
             return False
         if step in self._mngr.all_steps():
+            log.warning("checkpoint step %d already exists in %s: not saved again", step, self.directory)
             return False
         loss = None if eval_loss is None or not math.isfinite(float(eval_loss)) else float(eval_loss)
         start = time.perf_counter()

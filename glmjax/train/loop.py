@@ -67,6 +67,7 @@ def train(cfg, workdir: str, *, restart: bool = True, pipelines=None) -> dict:
 
     # CHECKPOINT: create the Checkpointer and restore (state, data_state) from the latest good checkpoint
     ckpt = Checkpointer(workdir, cfg, restart=restart)
+    ckpt.install_sigterm_handler()  # from here on SIGTERM means: save at the next step boundary, exit 0
     restored = ckpt.restore(spec.abstract_state)
     if restored is None:
         state = init_state(cfg, spec)
@@ -74,7 +75,6 @@ def train(cfg, workdir: str, *, restart: bool = True, pipelines=None) -> dict:
         state, data_state, _ = restored
         if data_state is not None:
             train_iter.set_state(data_state)
-    ckpt.install_sigterm_handler()
     start = int(jax.device_get(state.step))
 
     is_main = jax.process_index() == 0
