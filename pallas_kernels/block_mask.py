@@ -145,7 +145,13 @@ def visit_list(kinds_BIJ: jax.Array):
     n = jnp.clip(s - (ends - steps)[row], 0, J - 1)
     first = (n == 0).astype(jnp.int32)
     last = (n == steps[row] - 1).astype(jnp.int32)
-    code = index[row, n] * 16 + kind[row, n] * 4 + last * 2 + first
+    col = index[row, n]
+    # A row without blocks points at the column of the latest real step, so the k/v block index
+    # repeats and a TPU pipeline fetches nothing for it.
+    real = jnp.where(count[row, 0] > 0, s, -1)
+    latest = lax.cummax(real, axis=0)
+    col = jnp.where(latest >= 0, col[jnp.maximum(latest, 0)], col)
+    code = col * 16 + kind[row, n] * 4 + last * 2 + first
     return row, code, ends[-1].astype(jnp.int32)
 
 
