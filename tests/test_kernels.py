@@ -281,6 +281,26 @@ def test_key_ranges_bound_the_mask(prefix):
             assert (outer == m).all() and (inner == m).all() and (q_inner == m).all()
 
 
+def test_tpu_visit_list_walks_exactly_the_nonempty_blocks():
+    """The TPU grid's step list: every non-empty block once, in row order; one step per empty row."""
+    rng = np.random.default_rng(77)
+    seg, bid = packed_mask_inputs(rng, 2, 150, min_pad=40)
+    kinds = np.asarray(bm.block_kinds(bm.key_ranges(*bm.pad_mask_inputs(
+        jnp.asarray(seg), jnp.asarray(bid), batch=2, seq_len=150, padded=160), causal=True), 32, 16))
+    row, code, total = (np.asarray(x) for x in bm.visit_list(jnp.asarray(kinds)))
+    steps = [(int(r), *(int(x) for x in bm.decode_visit(c))) for r, c in zip(row[:total], code[:total])]
+    flat = kinds.reshape(-1, kinds.shape[-1])
+    expected = []
+    for r, ks in enumerate(flat):
+        js = np.flatnonzero(ks)
+        expected += [(r, j, ks[j], n == 0, n == len(js) - 1) for n, j in enumerate(js)]
+        if not len(js):
+            expected.append((r, None, bm.EMPTY, True, True))
+    assert len(steps) == len(expected) == (flat != 0).sum() + (flat == 0).all(-1).sum()
+    for got, want in zip(steps, expected):
+        assert got[0] == want[0] and got[2:] == want[2:] and want[1] in (None, got[1])
+
+
 def test_block_counts_pure_causal():
     c = pallas_kernels.block_counts(None, None, True, 1024, 128, 128)
     assert (int(c["empty"]), int(c["partial"]), int(c["full"])) == (28, 8, 28)
