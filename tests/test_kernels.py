@@ -239,6 +239,22 @@ def test_sharded_on_mesh(kv_heads, masks):
         assert_close(np.asarray(g), gn, 1e-5, f"d{name}")
 
 
+@pytest.mark.parametrize("impl, platform", [("pallas_tpu", "tpu"), ("pallas_gpu", "cuda")])
+def test_kernels_lower_for_their_hardware(impl, platform):
+    """Forward + backward lower through the Mosaic TPU / Triton lowerings (bf16, D=128, GQA): no
+    hardware here, but unsupported ops or block shapes fail already at this stage."""
+    from pallas_kernels.flash import KernelConfig, flash
+    cfg = KernelConfig(impl, True, 128, 128 if impl == "pallas_tpu" else 64, False)
+    q = jax.ShapeDtypeStruct((2, 300, 4, 128), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((2, 300, 2, 128), jnp.bfloat16)
+    ids = jax.ShapeDtypeStruct((2, 300), jnp.int32)
+    loss = lambda q, k, v, s, b: jnp.sum(flash(q, k, v, s, b, cfg).astype(jnp.float32))
+    lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, kv, kv, ids, ids).lower(
+        lowering_platforms=(platform,))
+    text = lowered.as_text()
+    assert ("tpu_custom_call" in text) if impl == "pallas_tpu" else ("triton" in text)
+
+
 # ----------------------------------------------------------------------------- block counts
 @pytest.mark.parametrize("causal", [True, False])
 def test_block_counts_match_dense_mask(causal):
