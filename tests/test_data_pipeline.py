@@ -287,3 +287,12 @@ def test_batches_are_identical_in_a_fresh_process(corpus):
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     assert f"HASH {h.hexdigest()}" in res.stdout
+
+
+def test_unpacked_rows_hold_one_example_each(corpus):
+    cfg = _cfg(corpus)
+    cfg.data.pack = False
+    batch = next(make_pipeline(cfg, "validation", process_index=0, process_count=1))
+    seg = batch["segment_ids"]
+    assert set(np.unique(seg)) <= {0, 1} and (seg[:, 0] == 1).all()
+    assert ((batch["tokens"] > 0) == (seg == 1)).all()

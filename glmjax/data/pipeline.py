@@ -15,9 +15,11 @@ spent blocked on it (the step waiting for input).
 """
 from __future__ import annotations
 
+import atexit
 import queue
 import threading
 import time
+import weakref
 
 import jax
 import numpy as np
@@ -65,6 +67,16 @@ def build_dataset(cfg, split: str, process_index: int, process_count: int, skip_
     return ds.with_options(options).prefetch(tf.data.AUTOTUNE)
 
 
+_LIVE: "weakref.WeakSet[_Prefetcher]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all():
+    """Stop prefetch threads before interpreter shutdown (a tf.data iterator torn down mid-call can hang)."""
+    for prefetcher in list(_LIVE):
+        prefetcher.close()
+
+
 class _Prefetcher:
     """A daemon thread moving items of ``iterator`` into a bounded queue."""
 
@@ -75,6 +87,7 @@ class _Prefetcher:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(iterator,), daemon=True, name="glmjax-prefetch")
         self._thread.start()
+        _LIVE.add(self)
 
     def _put(self, item) -> bool:
         while not self._stop.is_set():
