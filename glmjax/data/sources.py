@@ -10,7 +10,8 @@ A *source spec* is a short string naming where the text comes from:
 * ``tfds:NAME[@FIELD]`` — a TensorFlow Datasets dataset (``name/config:version``), when installed.
 
 Files are the unit of host sharding: process ``i`` of ``n`` reads files ``i, i+n, ...`` of its split,
-so hosts read disjoint data that together covers the split. Bytes that are not valid UTF-8 become
+so hosts read disjoint data that together covers the split. A split with fewer files than processes
+is sharded by document instead (every host reads every file and keeps documents ``i, i+n, ...``). Bytes that are not valid UTF-8 become
 U+FFFD; empty files are skipped (and counted in a log line).
 """
 from __future__ import annotations
@@ -182,10 +183,7 @@ def iter_texts(spec: SourceSpec, split: str, validation_fraction: float = 0.05) 
 
 
 def shard_files(files: Sequence[str], index: int, count: int) -> list[str]:
-    """Files read by process ``index`` of ``count``: disjoint, together all of them."""
+    """Files read by process ``index`` of ``count``: disjoint, together all of them (needs count <= files)."""
     if count > len(files):
-        raise ValueError(
-            f"{len(files)} file(s) cannot feed {count} processes (each host reads whole files). "
-            "Fix: split the corpus into more files than processes."
-        )
+        raise ValueError(f"{len(files)} file(s) cannot be split between {count} processes by file")
     return list(files[index::count])

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import logging
 
 import numpy as np
 import seqio
@@ -18,6 +19,8 @@ import tensorflow as tf
 
 from glmjax.data import blank_infilling, sources, vocab as vocab_lib
 from glmjax.data.blank_infilling import FEATURES, OBJECTIVES
+
+log = logging.getLogger(__name__)
 
 
 def parse_task(task: str) -> list[tuple[sources.SourceSpec, float]]:
@@ -54,8 +57,12 @@ class FileSource(seqio.DataSource):
     def get_dataset(self, split="train", shuffle=True, seed=None, shard_info=None, *,
                     sequence_length=None, use_cached=False, num_epochs=1) -> tf.data.Dataset:
         files = self.list_shards(split)
-        if shard_info is not None:
+        by_document = shard_info is not None and shard_info.num_shards > len(files)
+        if shard_info is not None and not by_document:
             files = sources.shard_files(files, shard_info.index, shard_info.num_shards)
+        elif by_document:
+            log.warning("%s %s: %d file(s) for %d processes: sharding by document (every host reads every "
+                        "file)", self.spec.key, split, len(files), shard_info.num_shards)
         ds = tf.data.Dataset.from_tensor_slices(tf.constant(files))
         if shuffle:  # a new (deterministic, seeded) file order every epoch
             ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
@@ -65,7 +72,8 @@ class FileSource(seqio.DataSource):
             ds = ds.map(tf.io.read_file, num_parallel_calls=tf.data.AUTOTUNE)
         ds = ds.map(lambda raw: {"text": tf.strings.unicode_transcode(
             raw, "UTF-8", "UTF-8", errors="replace", replacement_char=0xFFFD)})
-        return ds.filter(lambda ex: tf.strings.length(ex["text"]) > 0)
+        ds = ds.filter(lambda ex: tf.strings.length(ex["text"]) > 0)
+        return ds.shard(shard_info.num_shards, shard_info.index) if by_document else ds
 
     def _jsonl_texts(self, path: tf.Tensor, split: str) -> tf.data.Dataset:
         def parse(path, index, line):
