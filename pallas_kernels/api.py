@@ -5,6 +5,7 @@ import dataclasses
 
 import jax
 
+from pallas_kernels.block_mask import padded_length
 from pallas_kernels.cudnn import attention_cudnn
 from pallas_kernels.flash import KernelConfig, flash
 from pallas_kernels.reference import attention_xla
@@ -50,6 +51,16 @@ def _block_sizes(block_sizes, implementation: str, head_dim: int, seq_len: int) 
     # Short sequences: do not pad a 40-token input up to 128.
     cap = max(16, _next_pow2(seq_len))
     return BlockSizes(min(bs.block_q, cap), min(bs.block_k, cap))
+
+
+def _check_tpu_tiling(bs: BlockSizes, seq_len: int):
+    """Mosaic tiles the last dim by 128 lanes; row statistics use blocks of (1, block)."""
+    padded = padded_length(seq_len, bs.block_q, bs.block_k)
+    for name, b in (("block_q", bs.block_q), ("block_k", bs.block_k)):
+        if b % 128 and b != padded:
+            raise ValueError(f"pallas_tpu needs block sizes that are multiples of 128 (TPU lane "
+                             f"width), got {name}={b} for length {seq_len}; use e.g. "
+                             "block_sizes=(256, 256)")
 
 
 def resolve_implementation(implementation: str) -> str:
@@ -127,6 +138,9 @@ def flash_attention(q, k, v, segment_ids=None, bidirectional=None, *, causal=Tru
     if impl == "pallas_gpu" and (D < 16 or D & (D - 1)):
         raise ValueError(f"pallas_gpu needs a power-of-two head_dim >= 16 (Triton tiles), got {D}")
     bs = _block_sizes(block_sizes, impl, D, q.shape[1])
-    interpret = interpret if interpret and not isinstance(interpret, bool) else bool(interpret)
+    if impl == "pallas_tpu" and not interpret:
+        _check_tpu_tiling(bs, q.shape[1])
+    if isinstance(interpret, bool) or not interpret:  # else: an interpreter config object
+        interpret = bool(interpret)
     cfg = KernelConfig(impl, bool(causal), bs.block_q, bs.block_k, interpret)
     return flash(q, k, v, segment_ids, bidirectional, cfg)

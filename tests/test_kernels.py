@@ -337,6 +337,14 @@ def test_cudnn_dense_mask_semantics():
         attention_cudnn(q, k, v, jnp.asarray(seg), jnp.asarray(bid), sdpa_implementation="xla")
 
 
+def test_tpu_block_sizes_must_fit_lanes():
+    from pallas_kernels.api import BlockSizes, _check_tpu_tiling
+    _check_tpu_tiling(BlockSizes(256, 128), 1000)
+    _check_tpu_tiling(BlockSizes(64, 64), 50)  # one block spans the whole (padded) sequence
+    with pytest.raises(ValueError, match="multiples of 128"):
+        _check_tpu_tiling(BlockSizes(64, 128), 1000)
+
+
 def test_auto_is_xla_on_cpu():
     assert pallas_kernels.resolve_implementation("auto") == "xla"
 
