@@ -1,6 +1,7 @@
 """Multi-host checkpoints: 2 local JAX processes (2 CPU devices each, one data=2 x fsdp=2 mesh) save the tiny
-GLM's state with each host's own data-iterator state, then restore it: every host gets back its own
-iterator state and the shards it owns, bit for bit, with the fingerprints checked."""
+GLM's state with each host's own data-iterator state at steps 0 and 1; step 1 is damaged; both hosts
+fall back to step 0 together, and every host gets back its own iterator state and the shards it owns,
+bit for bit, with the fingerprints checked."""
 import json
 import os
 import socket
@@ -27,10 +28,16 @@ spec = model_spec(cfg, make_mesh(cfg))
 state = init_state(cfg, spec)
 ckpt = Checkpointer(workdir, cfg)
 assert ckpt.save(0, state, {"host": index, "batches": 10 + index})
+assert ckpt.save(1, state.replace(step=state.step + 1), {"host": index, "batches": 20 + index})
 ckpt.close()
+if index == 0:  # damage the newest step: both hosts must agree to fall back to step 0
+    open(f"{workdir}/checkpoints/1/state/_METADATA", "w").write("{")
+from jax.experimental import multihost_utils
+multihost_utils.sync_global_devices("damaged")
 
 ckpt = Checkpointer(workdir, cfg)
 restored, data_state, step = ckpt.restore(spec.abstract_state)
+assert ckpt.all_steps() == [0], ckpt.all_steps()
 ckpt.close()
 equal = all(np.array_equal(np.asarray(a.data), np.asarray(b.data))
             for x, y in zip(jax.tree.leaves(state), jax.tree.leaves(restored))
@@ -61,3 +68,4 @@ def test_two_hosts_save_and_restore_their_own_state(tmp_path):
     data_dir = workdir / "checkpoints" / "0" / "data"
     assert sorted(p.name for p in data_dir.glob("process_*.json")) == ["process_0.json", "process_1.json"]
     assert (workdir / "checkpoint_fingerprints" / "0.json").exists()
+    assert len(list((workdir / "checkpoints_damaged").iterdir())) == 1

@@ -70,7 +70,7 @@ class Checkpointer:
         self._config = config_to_dict(cfg)
         if restart:
             check_compatible(self.workdir, cfg)
-        elif step_dirs(self.directory):
+        elif _on_all_hosts(bool(step_dirs(self.directory)), want=any):  # decided before anything moves
             self._move_aside(self.directory, self.workdir / f"{CHECKPOINT_DIR}.old-{time.strftime('%Y%m%d-%H%M%S')}",
                              "--restart=false: starting over; the old checkpoints")
         self._mngr = self._make_manager()
@@ -129,10 +129,19 @@ class Checkpointer:
             return None
         failures = []
         for s in candidates:
+            state, data_state, reason = None, None, None
             try:
-                state, data_state = self._restore_step(abstract_state, s)
+                state, data_state = self._read_step(abstract_state, s)
             except Exception as e:  # noqa: BLE001 -- any read error means this step is unusable
                 reason = _describe(e)
+            if not _on_all_hosts(reason is None):  # every host must have read its shards of the same step
+                reason = reason or "could not be read on another host (see that host's log)"
+            if reason is None:
+                try:  # collective (same verdict on every host)
+                    self._check_step(s, state)
+                except Exception as e:  # noqa: BLE001
+                    reason = _describe(e)
+            if reason is not None:
                 failures.append((s, reason))
                 if step is None:
                     log.warning("checkpoint step %d in %s is damaged and is skipped (%s); trying the previous "
@@ -151,7 +160,7 @@ class Checkpointer:
             f"config changed, run with the config the checkpoints were saved with; to start over, pass "
             f"--restart=false or use a new --workdir.")
 
-    def _restore_step(self, abstract_state, step: int):
+    def _read_step(self, abstract_state, step: int):
         step_dir = self.directory / str(step)
         for item in ("state", "config"):
             if not (step_dir / item).exists():
@@ -175,12 +184,13 @@ class Checkpointer:
         if has_data:
             args["data"] = ocp.args.JsonRestore()
         restored = self._mngr.restore(step, args=ocp.args.Composite(**args))
-        state = restored["state"]
+        return restored["state"], (restored["data"] if has_data else None)
+
+    def _check_step(self, step: int, state) -> None:
         self._fingerprints.check(step, state)
         saved_step = local_int(state.step) if hasattr(state, "step") else step
         if saved_step != step:
             raise ValueError(f"state.step={saved_step} does not match the step directory {step}")
-        return state, (restored["data"] if has_data else None)
 
     # ------------------------------------------------------------------------------------ save
 
@@ -267,6 +277,15 @@ def _describe(error: BaseException) -> str:
         error = error.__cause__ or (None if error.__suppress_context__ else error.__context__)
     return " <- ".join(reversed(parts))
 
+
+def _on_all_hosts(flag: bool, want=all) -> bool:
+    """``want`` (all / any) of ``flag`` over every process: one answer that all hosts agree on."""
+    if jax.process_count() == 1:
+        return flag
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    return bool(want(np.asarray(multihost_utils.process_allgather(np.int32(flag))).ravel()))
 
 
 def _sync(name: str) -> None:
