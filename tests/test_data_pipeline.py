@@ -67,13 +67,19 @@ def test_same_seed_same_batches_and_other_seed_differs(corpus):
     assert any(not np.array_equal(x["tokens"], y["tokens"]) for x, y in zip(a, c))
 
 
-def test_restored_iterator_continues_exactly(corpus):
+@pytest.mark.parametrize("snapshot_every", [0, 3])
+def test_restored_iterator_continues_exactly(corpus, snapshot_every):
     cfg = _cfg(corpus)
+    cfg.data.snapshot_every = snapshot_every  # 0: recompute from the start; 3: from the snapshot at batch 3
     full = _take(make_pipeline(cfg, "train", process_index=1, process_count=2), 9)
     first = make_pipeline(cfg, "train", process_index=1, process_count=2)
     _take(first, 4)
     state = json.loads(json.dumps(first.get_state()))  # must survive JSON
     first.close()
+    if snapshot_every:
+        assert state["snapshot"]["batches"] == 3
+    else:
+        assert state["snapshot"] is None
     resumed = make_pipeline(cfg, "train", process_index=1, process_count=2)
     resumed.set_state(state)
     rest = _take(resumed, 5)
@@ -262,13 +268,15 @@ def test_jsonl_source_and_mixture(tmp_path):
 
 
 _HASH_SCRIPT = """
-import hashlib, sys
+import hashlib, json, sys
 from glmjax.data import testing
 from glmjax.data.pipeline import make_pipeline
 cfg = testing.data_config(sys.argv[1], cache_dir=sys.argv[2], causal=0.25, mask=0.25, smask=0.25, gmask=0.25)
+cfg.data.snapshot_every = 2
 pipe = make_pipeline(cfg, "train", process_index=1, process_count=2)
+pipe.set_state(json.load(open(sys.argv[3])))
 h = hashlib.sha1()
-for _ in range(4):
+for _ in range(3):
     b = next(pipe)
     for k in sorted(b):
         h.update(b[k].tobytes())
@@ -276,15 +284,22 @@ print("HASH", h.hexdigest())
 """
 
 
-def test_batches_are_identical_in_a_fresh_process(corpus):
-    """A restarted job is a new process: the stream must not depend on process-local state."""
+def test_a_fresh_process_restores_the_state_exactly(corpus, tmp_path):
+    """A restarted job is a new process: its pipeline and the saved snapshot must not depend on this one."""
     cfg = _cfg(corpus)
+    cfg.data.snapshot_every = 2
+    pipe = make_pipeline(cfg, "train", process_index=1, process_count=2)
+    _take(pipe, 5)
+    state = pipe.get_state()
+    assert state["snapshot"]["batches"] == 4
+    (tmp_path / "state.json").write_text(json.dumps(state))
     h = hashlib.sha1()
-    for b in _take(make_pipeline(cfg, "train", process_index=1, process_count=2), 4):
+    for b in _take(pipe, 3):
         for k in sorted(b):
             h.update(b[k].tobytes())
-    res = subprocess.run([sys.executable, "-c", _HASH_SCRIPT, cfg.data.task, cfg.data.cache_dir],
-                         capture_output=True, text=True, timeout=300)
+    pipe.close()
+    res = subprocess.run([sys.executable, "-c", _HASH_SCRIPT, cfg.data.task, cfg.data.cache_dir,
+                          str(tmp_path / "state.json")], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     assert f"HASH {h.hexdigest()}" in res.stdout
 

@@ -15,6 +15,7 @@ def data_config() -> ml_collections.ConfigDict:
     c.validation_fraction = 0.05  # share of files (JSONL: lines) held out as the validation split
     c.shuffle_buffer = 1024  # examples (chunks) shuffled together after the objective, train split only
     c.prefetch = 8  # batches the prefetch thread keeps ready (2 left the tiny step waiting 0.8% of the time)
+    c.snapshot_every = 100  # batches between tf.data iterator snapshots (resume recomputes < this many); 0 = none
     c.pack = True  # pack several examples per row (False: one example per row, padded)
     return c
 

@@ -6,9 +6,11 @@ batch (``cfg.batch_size // process_count`` rows of ``cfg.seq_len``), shuffled by
 batches. ``to_global`` assembles the hosts' batches into global ``jax.Array``s.
 
 Determinism and resumption: the batches are a pure function of (config, split, process index and
-count). ``get_state()`` records how many batches this host consumed; ``set_state()`` rebuilds the
-pipeline and skips that many batches (computed, not read from disk: restoring after N batches costs
-about N batches of input work, which the pipeline does many times faster than training uses them).
+count). Every ``data.snapshot_every`` batches the prefetch thread snapshots the tf.data iterator
+(shuffle buffers, file positions, packer state; ``snapshot.py``). ``get_state()`` returns the number
+of batches this host consumed plus the latest snapshot at or before it; ``set_state()`` rebuilds the
+pipeline, restores the snapshot and recomputes only the batches after it (fewer than
+``snapshot_every`` + the prefetch depth). Without a snapshot it recomputes from the start.
 
 A daemon thread keeps ``data.prefetch`` batches ready; ``wait_seconds`` is the time ``__next__``
 spent blocked on it (the step waiting for input).
@@ -16,6 +18,7 @@ spent blocked on it (the step waiting for input).
 from __future__ import annotations
 
 import atexit
+import collections
 import queue
 import threading
 import time
@@ -26,11 +29,11 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
-from glmjax.data import tasks
+from glmjax.data import snapshot, tasks
 from glmjax.data.features import MODEL_FEATURES, GLMFeatureConverter
 from glmjax.data.vocab import get_vocabulary
 
-_STATE_VERSION = 1
+_STATE_VERSION = 2
 
 try:  # the input pipeline must never take GPU memory from JAX
     tf.config.set_visible_devices([], "GPU")
@@ -47,7 +50,7 @@ def _local_batch_size(cfg, process_count: int) -> int:
     return cfg.batch_size // process_count
 
 
-def build_dataset(cfg, split: str, process_index: int, process_count: int, skip_batches: int = 0) -> tf.data.Dataset:
+def build_dataset(cfg, split: str, process_index: int, process_count: int) -> tf.data.Dataset:
     """The tf.data pipeline of this host's batches (dict of ``[local_batch, seq_len]`` arrays)."""
     if split not in ("train", "validation"):
         raise ValueError(f"split must be 'train' or 'validation', got {split!r}")
@@ -60,10 +63,9 @@ def build_dataset(cfg, split: str, process_index: int, process_count: int, skip_
         shard_info=seqio.ShardInfo(process_index, process_count), num_epochs=None)
     ds = GLMFeatureConverter(pack=bool(cfg.data.pack))(ds, lengths)
     ds = ds.batch(_local_batch_size(cfg, process_count), drop_remainder=True)
-    if skip_batches:
-        ds = ds.skip(skip_batches)
     options = tf.data.Options()
     options.deterministic = True
+    options.experimental_symbolic_checkpoint = True  # snapshots: recompute in-flight elements, do not store them
     return ds.with_options(options).prefetch(tf.data.AUTOTUNE)
 
 
@@ -78,14 +80,25 @@ def _close_all():
 
 
 class _Prefetcher:
-    """A daemon thread moving items of ``iterator`` into a bounded queue."""
+    """A daemon thread that runs a tf.data iterator into a bounded queue of numpy batches.
+
+    The thread creates the iterator, restores ``start_snapshot`` into it (position ``start``), skips
+    ``skip`` batches, then produces; every ``snapshot_every`` batches it records an iterator snapshot
+    (``(position, snapshot)``; the last few are kept) taken exactly after batch ``position``.
+    """
 
     _DONE = object()
+    _KEEP = 4  # snapshots kept: the consumer lags the producer by at most the queue size
 
-    def __init__(self, iterator, size: int):
+    def __init__(self, dataset, size: int, *, start: int = 0, start_snapshot=None, skip: int = 0,
+                 snapshot_every: int = 0):
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, size))
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(iterator,), daemon=True, name="glmjax-prefetch")
+        self._lock = threading.Lock()
+        self._snapshots = collections.deque([(start, start_snapshot)] if start_snapshot else [], maxlen=self._KEEP)
+        self._every = snapshot_every
+        args = (dataset, start, start_snapshot, skip)
+        self._thread = threading.Thread(target=self._run, args=args, daemon=True, name="glmjax-prefetch")
         self._thread.start()
         _LIVE.add(self)
 
@@ -98,14 +111,31 @@ class _Prefetcher:
                 continue
         return False
 
-    def _run(self, iterator):
+    def _run(self, dataset, position, start_snapshot, skip):
         try:
-            for item in iterator:
-                if not self._put(item):
+            iterator = iter(dataset)
+            if start_snapshot:
+                snapshot.restore(iterator, start_snapshot)
+            for _ in range(skip):
+                next(iterator)
+            position += skip
+            for batch in iterator:
+                position += 1
+                if not self._put({k: v.numpy() for k, v in batch.items()}):
                     return
+                if self._every and position % self._every == 0:
+                    snap = snapshot.save(iterator)
+                    with self._lock:
+                        self._snapshots.append((position, snap))
             self._put(self._DONE)
         except BaseException as e:  # noqa: BLE001 - re-raised in the consumer
             self._put(e)
+
+    def latest_snapshot(self, at_most: int):
+        """The newest ``(position, snapshot)`` with position <= ``at_most``, or ``(0, None)``."""
+        with self._lock:
+            found = [(p, s) for p, s in self._snapshots if p <= at_most]
+        return found[-1] if found else (0, None)
 
     def get(self):
         item = self._queue.get()
@@ -131,14 +161,19 @@ class Pipeline:
         self.wait_seconds = 0.0  # time __next__ spent blocked on the prefetch queue
         self._consumed = 0
         self._prefetcher: _Prefetcher | None = None
-        self._start(0)
+        self._start(0, None)
 
-    def _start(self, skip: int):
+    def _start(self, consumed: int, snap: dict | None):
         if self._prefetcher is not None:
             self._prefetcher.close()
-        ds = build_dataset(self.cfg, self.split, self.process_index, self.process_count, skip)
-        self._prefetcher = _Prefetcher(ds.as_numpy_iterator(), int(self.cfg.data.prefetch))
-        self._consumed = skip
+        ds = build_dataset(self.cfg, self.split, self.process_index, self.process_count)
+        start = int(snap["batches"]) if snap else 0
+        if not 0 <= start <= consumed:
+            raise ValueError(f"data iterator state: snapshot at batch {start} is after the position {consumed}")
+        self._prefetcher = _Prefetcher(ds, int(self.cfg.data.prefetch), start=start, skip=consumed - start,
+                                       start_snapshot=snap["iterator"] if snap else None,
+                                       snapshot_every=int(self.cfg.data.snapshot_every))
+        self._consumed = consumed
 
     def __iter__(self):
         return self
@@ -155,13 +190,22 @@ class Pipeline:
         return self._consumed
 
     def get_state(self) -> dict:
-        """JSON-serialisable position of this host's iterator."""
-        return dict(version=_STATE_VERSION, split=self.split, batches=self._consumed, seed=int(self.cfg.seed),
-                    process_index=self.process_index, process_count=self.process_count,
-                    task=str(self.cfg.data.task), batch_size=int(self.cfg.batch_size), seq_len=int(self.cfg.seq_len))
+        """JSON-serialisable position of this host's iterator (with the latest snapshot before it)."""
+        state = dict(version=_STATE_VERSION, split=self.split, batches=self._consumed, seed=int(self.cfg.seed),
+                     process_index=self.process_index, process_count=self.process_count,
+                     task=str(self.cfg.data.task), batch_size=int(self.cfg.batch_size), seq_len=int(self.cfg.seq_len),
+                     snapshot=None)
+        if self._prefetcher is not None:
+            position, snap = self._prefetcher.latest_snapshot(self._consumed)
+            if snap is not None:
+                state["snapshot"] = {"batches": position, "iterator": snap}
+        return state
 
     def set_state(self, state: dict) -> None:
-        """Continues with exactly the batches the uninterrupted iterator would give after ``state``."""
+        """Continues with exactly the batches the uninterrupted iterator would give after ``state``.
+
+        Restores the state's iterator snapshot (if any) and recomputes only the batches after it.
+        """
         mine = self.get_state()
         for key in ("version", "split", "process_count", "batch_size", "seq_len", "seed", "task"):
             if state.get(key) != mine[key]:
@@ -170,7 +214,7 @@ class Pipeline:
                     "saved position means nothing in a different stream. Fix: resume with the same data "
                     "settings and process count, or start the data from scratch (do not restore 'data')."
                 )
-        self._start(int(state["batches"]))
+        self._start(int(state["batches"]), state.get("snapshot"))
 
     def close(self) -> None:
         if self._prefetcher is not None:
