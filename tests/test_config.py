@@ -79,3 +79,15 @@ def test_cli_reports_config_error_before_compiling(tmp_path):
     assert r.returncode != 0
     assert "config error" in r.stderr and "num_kv_heads=3" in r.stderr
     assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_cli_reports_missing_data_path_without_traceback(tmp_path):
+    import subprocess
+    import sys
+
+    missing = tmp_path / "nothing_here" / "*.txt"
+    r = subprocess.run([sys.executable, "-m", "glmjax.train", f"--config={TINY}", f"--workdir={tmp_path / 'w'}",
+                        f"--config.data.task=text:{missing}"], capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0
+    assert "error:" in r.stderr and str(tmp_path / "nothing_here") in r.stderr
+    assert "Traceback" not in r.stderr

@@ -37,6 +37,7 @@ def main(argv=None) -> None:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # seqio's TensorFlow: keep the console readable
     from glmjax import distributed
+    from glmjax.checkpoint import CheckpointError
     from glmjax.config import ConfigError, load_config
     from glmjax.train.loop import train
 
@@ -47,5 +48,8 @@ def main(argv=None) -> None:
         result = train(cfg, args.workdir, restart=args.restart == "true")
     except ConfigError as e:
         sys.exit(f"config error: {e}")
+    except (CheckpointError, FileNotFoundError, ValueError) as e:  # bad data paths, unreadable checkpoints
+        logging.getLogger("glmjax.train").debug("traceback", exc_info=True)
+        sys.exit(f"error: {e}\n(run with --log_level=DEBUG for the traceback)")
     final = {k: v for k, v in result.items() if k != "state"}
     logging.getLogger("glmjax.train").info("done: %s", final)

@@ -17,7 +17,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from glmjax.checkpoint import Checkpointer
+from glmjax.checkpoint import Checkpointer, check_compatible
 from glmjax.config import validate
 from glmjax.scaling.flops import flops_per_token
 from glmjax.sharding import batch_sharding, make_mesh
@@ -58,6 +58,8 @@ class Evaluator:
 def train(cfg, workdir: str, *, restart: bool = True, pipelines=None) -> dict:
     """Run (or resume) training. ``pipelines`` = (train iterator, eval-iterator factory, to_global) for tests."""
     validate(cfg, jax.device_count())
+    if restart:
+        check_compatible(workdir, cfg)  # a different model on this workdir fails now, not after data set-up
     mesh = make_mesh(cfg)
     spec = model_spec(cfg, mesh)
     fpt = flops_per_token(cfg.model, cfg.seq_len)
