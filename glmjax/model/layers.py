@@ -23,6 +23,37 @@ def param(rngs: nnx.Rngs, shape, axes, *, std: float | None, dtype) -> nnx.Param
     return nnx.Param(value, axes=tuple(axes))
 
 
+@jax.custom_vjp
+def _head_matmul_cpu(x_BTD, w_DV):
+    return jnp.einsum("btd,dv->btv", x_BTD, w_DV)
+
+
+def _head_matmul_cpu_fwd(x_BTD, w_DV):
+    return _head_matmul_cpu(x_BTD, w_DV), (x_BTD, w_DV)
+
+
+def _head_matmul_cpu_bwd(res, g_BTV):
+    x_BTD, w_DV = res
+    # The barrier keeps x^T materialised ([D, tokens], small): the weight gradient is then a plain
+    # row-major dot. Left to itself XLA:CPU transposes the [tokens, vocab] gradient instead and runs a
+    # transposed-operand dot ~3x slower than the forward one.
+    xt_DN = jax.lax.optimization_barrier(x_BTD.reshape(-1, x_BTD.shape[-1]).T)
+    dw_DV = (xt_DN @ g_BTV.reshape(-1, g_BTV.shape[-1])).astype(w_DV.dtype)
+    dx_BTD = jnp.einsum("btv,dv->btd", g_BTV, w_DV).astype(x_BTD.dtype)
+    return dx_BTD, dw_DV
+
+
+_head_matmul_cpu.defvjp(_head_matmul_cpu_fwd, _head_matmul_cpu_bwd)
+
+
+def head_matmul(x_BTD, w_DV):
+    """``einsum("btd,dv->btv")`` for the output projection; on CPU with a hand-written backward (see
+    ``_head_matmul_cpu_bwd``) that makes the tiny CPU train step ~10% faster. Same values and gradients."""
+    if jax.default_backend() == "cpu":
+        return _head_matmul_cpu(x_BTD, w_DV)
+    return jnp.einsum("btd,dv->btv", x_BTD, w_DV)
+
+
 class Norm(nnx.Module):
     """LayerNorm (scale + bias, for DeepNorm) or RMSNorm (scale), computed in float32."""
 
