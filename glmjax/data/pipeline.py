@@ -65,7 +65,6 @@ def build_dataset(cfg, split: str, process_index: int, process_count: int) -> tf
     ds = ds.batch(_local_batch_size(cfg, process_count), drop_remainder=True)
     options = tf.data.Options()
     options.deterministic = True
-    options.experimental_symbolic_checkpoint = True  # snapshots: recompute in-flight elements, do not store them
     return ds.with_options(options).prefetch(tf.data.AUTOTUNE)
 
 
