@@ -311,3 +311,23 @@ def test_unpacked_rows_hold_one_example_each(corpus):
     seg = batch["segment_ids"]
     assert set(np.unique(seg)) <= {0, 1} and (seg[:, 0] == 1).all()
     assert ((batch["tokens"] > 0) == (seg == 1)).all()
+
+
+def test_a_snapshot_that_does_not_fit_falls_back_to_recomputing(corpus, caplog):
+    cfg = _cfg(corpus)
+    cfg.data.snapshot_every = 2
+    pipe = make_pipeline(cfg, "train", process_index=0, process_count=1)
+    want = _take(pipe, 5)[3:]
+    state = pipe.get_state()
+    pipe.close()
+    state["batches"] = 3
+    state["snapshot"]["iterator"]["files"] = {"iterator.index": "eJwDAAAAAAE="}  # a broken checkpoint
+    state["snapshot"]["batches"] = 2
+    resumed = make_pipeline(cfg, "train", process_index=0, process_count=1)
+    with caplog.at_level("WARNING"):
+        resumed.set_state(state)
+        got = _take(resumed, 2)
+    resumed.close()
+    assert "recomputing the 3 batches" in caplog.text
+    for x, y in zip(want, got):
+        np.testing.assert_array_equal(x["tokens"], y["tokens"])

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import atexit
 import collections
+import logging
 import queue
 import threading
 import time
@@ -34,6 +35,7 @@ from glmjax.data.features import MODEL_FEATURES, GLMFeatureConverter
 from glmjax.data.vocab import get_vocabulary
 
 _STATE_VERSION = 2
+log = logging.getLogger(__name__)
 
 try:  # the input pipeline must never take GPU memory from JAX
     tf.config.set_visible_devices([], "GPU")
@@ -51,7 +53,10 @@ def _local_batch_size(cfg, process_count: int) -> int:
 
 
 def build_dataset(cfg, split: str, process_index: int, process_count: int) -> tf.data.Dataset:
-    """The tf.data pipeline of this host's batches (dict of ``[local_batch, seq_len]`` arrays)."""
+    """The tf.data pipeline of this host's batches (dict of ``[local_batch, seq_len]`` arrays).
+
+    Prefer ``make_pipeline``: it runs the iterator in a thread that is stopped at interpreter exit.
+    """
     if split not in ("train", "validation"):
         raise ValueError(f"split must be 'train' or 'validation', got {split!r}")
     voc = get_vocabulary(cfg)
@@ -81,22 +86,22 @@ def _close_all():
 class _Prefetcher:
     """A daemon thread that runs a tf.data iterator into a bounded queue of numpy batches.
 
-    The thread creates the iterator, restores ``start_snapshot`` into it (position ``start``), skips
-    ``skip`` batches, then produces; every ``snapshot_every`` batches it records an iterator snapshot
-    (``(position, snapshot)``; the last few are kept) taken exactly after batch ``position``.
+    The iterator stands at batch ``start`` (``start_snapshot`` is the snapshot it was restored from,
+    if any); the thread skips ``skip`` batches, then produces. Every ``snapshot_every`` batches it
+    records ``(position, snapshot)`` taken exactly after batch ``position`` (the last few are kept).
     """
 
     _DONE = object()
     _KEEP = 4  # snapshots kept: the consumer lags the producer by at most the queue size
 
-    def __init__(self, dataset, size: int, *, start: int = 0, start_snapshot=None, skip: int = 0,
+    def __init__(self, iterator, size: int, *, start: int = 0, start_snapshot=None, skip: int = 0,
                  snapshot_every: int = 0):
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, size))
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._snapshots = collections.deque([(start, start_snapshot)] if start_snapshot else [], maxlen=self._KEEP)
         self._every = snapshot_every
-        args = (dataset, start, start_snapshot, skip)
+        args = (iterator, start, skip)
         self._thread = threading.Thread(target=self._run, args=args, daemon=True, name="glmjax-prefetch")
         self._thread.start()
         _LIVE.add(self)
@@ -110,11 +115,8 @@ class _Prefetcher:
                 continue
         return False
 
-    def _run(self, dataset, position, start_snapshot, skip):
+    def _run(self, iterator, position, skip):
         try:
-            iterator = iter(dataset)
-            if start_snapshot:
-                snapshot.restore(iterator, start_snapshot)
             for _ in range(skip):
                 next(iterator)
             position += skip
@@ -165,11 +167,20 @@ class Pipeline:
     def _start(self, consumed: int, snap: dict | None):
         if self._prefetcher is not None:
             self._prefetcher.close()
-        ds = build_dataset(self.cfg, self.split, self.process_index, self.process_count)
         start = int(snap["batches"]) if snap else 0
         if not 0 <= start <= consumed:
             raise ValueError(f"data iterator state: snapshot at batch {start} is after the position {consumed}")
-        self._prefetcher = _Prefetcher(ds, int(self.cfg.data.prefetch), start=start, skip=consumed - start,
+        iterator = iter(build_dataset(self.cfg, self.split, self.process_index, self.process_count))
+        if snap:
+            try:
+                snapshot.restore(iterator, snap["iterator"])
+            except Exception as e:  # noqa: BLE001 - e.g. the pipeline's code changed since the save
+                log.warning("data iterator snapshot at batch %d does not fit this pipeline (%s); recomputing "
+                            "the %d batches from the start instead", start, e, consumed)
+                # a fresh dataset: a second iterator of the same one would reshuffle differently
+                iterator = iter(build_dataset(self.cfg, self.split, self.process_index, self.process_count))
+                start, snap = 0, None
+        self._prefetcher = _Prefetcher(iterator, int(self.cfg.data.prefetch), start=start, skip=consumed - start,
                                        start_snapshot=snap["iterator"] if snap else None,
                                        snapshot_every=int(self.cfg.data.snapshot_every))
         self._consumed = consumed
