@@ -34,6 +34,9 @@ def glm_mask(
     return mask
 
 
+_MASKED = -1e30  # masked logits: far below any real one, finite so that no inf-inf NaN appears
+
+
 def attention_xla(
     q_BTHD: jax.Array,
     k_BSKD: jax.Array,
@@ -55,12 +58,14 @@ def attention_xla(
     logits_BKGTS = jnp.einsum("btkgd,bskd->bkgts", q, k_BSKD, preferred_element_type=jnp.float32)
     logits_BKGTS = logits_BKGTS.astype(jnp.float32) * scale
     mask_BTS = glm_mask(segment_ids_BT, bidirectional_BT, batch=B, q_len=T, kv_len=S, causal=causal)
-    mask = mask_BTS[:, None, None]
-    logits_BKGTS = jnp.where(mask, logits_BKGTS, -jnp.inf)
-    row_max = jnp.max(logits_BKGTS, axis=-1, keepdims=True)
-    row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
-    p = jnp.where(mask, jnp.exp(logits_BKGTS - row_max), 0.0)
-    denom = jnp.sum(p, axis=-1, keepdims=True)
-    p = p / jnp.where(denom == 0, 1.0, denom)
+    # One select with a large finite negative (exp underflows to exactly 0 in any row with a visible
+    # key); the max is only a shift, so it carries no gradient (as in jax.nn.softmax). Rows without a
+    # visible key would average v: a [B,T] flag zeroes them (finite, zero gradients).
+    logits_BKGTS = jnp.where(mask_BTS[:, None, None], logits_BKGTS, _MASKED)
+    row_max = jax.lax.stop_gradient(jnp.max(logits_BKGTS, axis=-1, keepdims=True))
+    p = jnp.exp(logits_BKGTS - row_max)
+    p = p / jnp.sum(p, axis=-1, keepdims=True)
     out = jnp.einsum("bkgts,bskd->btkgd", p.astype(v_BSKD.dtype), v_BSKD, preferred_element_type=jnp.float32)
+    seen_BT = jnp.any(mask_BTS, axis=-1)
+    out = jnp.where(seen_BT[:, :, None, None, None], out, 0.0)
     return out.reshape(B, T, H, D).astype(q_BTHD.dtype)
