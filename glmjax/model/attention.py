@@ -6,7 +6,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 import pallas_kernels
-from glmjax.model.layers import dtype_of, param
+from glmjax.model.layers import dense, dtype_of, param
 from glmjax.model.rope import apply_rope
 from glmjax.sharding import constrain
 
@@ -55,9 +55,9 @@ class Attention(nnx.Module):
 
     def __call__(self, x_BTD, feats, mesh=None):
         cfg, dt = self.cfg, self.dtype
-        q = jnp.einsum("btd,dhk->bthk", x_BTD, self.wq[...].astype(dt))
-        k = jnp.einsum("btd,dhk->bthk", x_BTD, self.wk[...].astype(dt))
-        v = jnp.einsum("btd,dhk->bthk", x_BTD, self.wv[...].astype(dt))
+        q = dense(x_BTD, self.wq[...].astype(dt))
+        k = dense(x_BTD, self.wk[...].astype(dt))
+        v = dense(x_BTD, self.wv[...].astype(dt))
         if cfg.qkv_bias:
             q, k, v = q + self.bq[...].astype(dt), k + self.bk[...].astype(dt), v + self.bv[...].astype(dt)
         pos, block_pos = feats["positions"], feats.get("block_positions")
@@ -69,4 +69,4 @@ class Attention(nnx.Module):
         out = attend(q, k, v, feats.get("segment_ids"), feats.get("bidirectional"),
                      impl=cfg.attention_impl, mesh=mesh)
         out = constrain(out, ("batch", "length", "heads", "head_dim"))
-        return jnp.einsum("bthk,hkd->btd", out, self.wo[...].astype(dt))
+        return dense(out, self.wo[...].astype(dt), 2)

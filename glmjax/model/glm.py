@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from glmjax.model.attention import Attention
-from glmjax.model.layers import GatedMLP, Norm, dtype_of, head_matmul, param
+from glmjax.model.layers import GatedMLP, Norm, dense, dtype_of, param
 from glmjax.sharding import constrain
 
 REMAT = {
@@ -94,7 +94,7 @@ class GLM(nnx.Module):
                 x = run(block, x)
         x = self.final_norm(x)
         head = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]
-        logits = head_matmul(x, head.astype(self.dtype))
+        logits = dense(x, head.astype(self.dtype))
         return constrain(logits, ("batch", "length", "vocab"))
 
 
