@@ -3,6 +3,7 @@ import collections
 import glob
 import hashlib
 import json
+import os
 import subprocess
 import sys
 
@@ -331,3 +332,19 @@ def test_a_snapshot_that_does_not_fit_falls_back_to_recomputing(corpus, caplog):
     assert "recomputing the 3 batches" in caplog.text
     for x, y in zip(want, got):
         np.testing.assert_array_equal(x["tokens"], y["tokens"])
+
+
+def test_split_does_not_depend_on_where_the_data_lives(tmp_path):
+    import shutil
+
+    from glmjax.data import sources
+
+    a = tmp_path / "a" / "docs"
+    testing.write_corpus(str(a), 40, seed=4)
+    b = tmp_path / "elsewhere" / "deeper" / "docs"
+    shutil.copytree(a, b)
+    for split in ("train", "validation"):
+        files_a = sources.list_files(sources.parse_spec(f"text:{a}/*.txt"), split, 0.2)
+        files_b = sources.list_files(sources.parse_spec(f"text:{b}/*.txt"), split, 0.2)
+        assert [os.path.relpath(f, a) for f in files_a] == [os.path.relpath(f, b) for f in files_b]
+        assert files_a

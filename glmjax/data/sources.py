@@ -4,9 +4,11 @@ A *source spec* is a short string naming where the text comes from:
 
 * ``stdlib`` — the ``.py`` files of the running Python's standard library (no test dirs, no
   site-packages), split train/validation by a hash of each file's relative path;
-* ``text:PATTERN`` — plain text files (glob; ``,`` separates several patterns), one document per file;
+* ``text:PATTERN`` — plain text files (glob; ``,`` separates several patterns), one document per file,
+  split by a hash of each file's path relative to the matched files' common folder (moving the data
+  keeps the split);
 * ``jsonl:PATTERN[@FIELD]`` — JSON-lines files, one document per line, text in ``FIELD`` (default
-  ``text``); lines are assigned to a split by a hash of (file, line number);
+  ``text``); lines are assigned to a split by a hash of (file name, line number);
 * ``tfds:NAME[@FIELD]`` — a TensorFlow Datasets dataset (``name/config:version``), when installed.
 
 Files are the unit of host sharding: process ``i`` of ``n`` reads files ``i, i+n, ...`` of its split,
@@ -116,7 +118,9 @@ def list_files(spec: SourceSpec, split: str, validation_fraction: float = 0.05) 
         rel = lambda p: os.path.relpath(p, root)  # noqa: E731
     elif spec.kind in ("text", "jsonl"):
         files = _glob_files(spec.pattern)
-        rel = lambda p: p  # noqa: E731
+        # keyed relative to the files' common folder: moving the data elsewhere keeps the same split
+        common = os.path.commonpath(files) if len(files) > 1 else os.path.dirname(files[0])
+        rel = lambda p: os.path.relpath(p, common)  # noqa: E731
     else:
         raise ValueError(f"source kind {spec.kind!r} has no files")
     empty = [f for f in files if os.path.getsize(f) == 0]
@@ -145,7 +149,7 @@ def read_text(path: str) -> str:
 def jsonl_line_text(path: str, index: int, raw: bytes, field: str, split: str,
                     validation_fraction: float) -> str | None:
     """The text of line ``index`` of a JSONL file if it belongs to ``split`` and is valid, else None."""
-    if split_of(f"{path}:{index}", validation_fraction) != split or not raw.strip():
+    if split_of(f"{os.path.basename(path)}:{index}", validation_fraction) != split or not raw.strip():
         return None
     try:
         text = json.loads(raw.decode("utf-8", errors="replace"))[field]
