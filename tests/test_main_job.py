@@ -23,7 +23,8 @@ def test_help_lists_flags():
 
 
 def test_tiny_config_trains_and_eval_loss_falls(tmp_path):
-    r = run_cli("--config=configs/tiny.py", f"--workdir={tmp_path}", "--config.steps=200",
+    workdir = os.path.relpath(tmp_path, REPO)  # a relative --workdir, as in the README
+    r = run_cli("--config=configs/tiny.py", f"--workdir={workdir}", "--config.steps=200",
                 "--config.eval_every=100", "--config.log_every=20")
     assert r.returncode == 0, r.stderr[-3000:]
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]

@@ -35,7 +35,9 @@ def parse_args(argv):
 def main(argv=None) -> None:
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # seqio's TensorFlow: keep the console readable
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if args.log_level.upper() == "INFO":
+        logging.getLogger("absl").setLevel(logging.WARNING)  # orbax's per-save INFO chatter  # seqio's TensorFlow: keep the console readable
     from glmjax import distributed
     from glmjax.checkpoint import CheckpointError
     from glmjax.config import ConfigError, load_config

@@ -11,6 +11,7 @@ step ``s`` is the training loss of the batch of update ``s``; ``eval_loss`` at `
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 import jax
@@ -58,6 +59,8 @@ class Evaluator:
 def train(cfg, workdir: str, *, restart: bool = True, pipelines=None) -> dict:
     """Run (or resume) training. ``pipelines`` = (train iterator, eval-iterator factory, to_global) for tests."""
     validate(cfg, jax.device_count())
+    if "://" not in workdir:  # orbax/tensorstore need absolute local paths; gs:// etc. pass through
+        workdir = os.path.abspath(workdir)
     if restart:
         check_compatible(workdir, cfg)  # a different model on this workdir fails now, not after data set-up
     mesh = make_mesh(cfg)
