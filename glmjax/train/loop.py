@@ -15,7 +15,6 @@ import os
 import time
 
 import jax
-import numpy as np
 from tqdm import tqdm
 
 from glmjax.checkpoint import Checkpointer, check_compatible
