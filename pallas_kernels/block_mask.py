@@ -25,6 +25,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from pallas_kernels.common import idiv, irem
+
 EMPTY, PARTIAL, FULL = 0, 1, 2
 
 
@@ -95,8 +97,8 @@ def block_kind(lo, hi, full_lo, full_hi, k_start, k_end):
 def full_interval(full_lo, full_hi, block):
     """Blocks ``[first, end)`` that every row's full range covers (an interval: a block is full
     iff ``max(full_lo) <= start`` and ``min(full_hi) >= end``); empty when ``first >= end``."""
-    first = lax.div(jnp.max(full_lo) + block - 1, block)
-    return first, lax.div(jnp.min(full_hi), block)
+    first = idiv(jnp.max(full_lo) + block - 1, block)
+    return first, idiv(jnp.min(full_hi), block)
 
 
 def block_kinds(ranges: dict, block_q: int, block_k: int) -> jax.Array:
@@ -157,8 +159,8 @@ def visit_list(kinds_BIJ: jax.Array):
 
 def decode_visit(code):
     """``(j, kind, first, last)`` from a ``visit_list`` code (scalar ops only; usable in kernels)."""
-    return (lax.div(code, 16), lax.rem(lax.div(code, 4), 4), lax.rem(code, 2) == 1,
-            lax.rem(lax.div(code, 2), 2) == 1)
+    return (idiv(code, 16), irem(idiv(code, 4), 4), irem(code, 2) == 1,
+            irem(idiv(code, 2), 2) == 1)
 
 
 def padded_length(seq_len: int, block_q: int, block_k: int) -> int:

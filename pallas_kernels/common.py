@@ -11,6 +11,19 @@ NT = (((1,), (1,)), ((), ()))  # a @ b.T
 NN = (((1,), (0,)), ((), ()))  # a @ b
 
 
+def idiv(x, n):
+    """Integer ``x / n`` truncated (``lax.div``) with ``n`` cast to ``x``'s dtype: a Python int is int64
+    under ``jax_enable_x64`` and ``lax.div`` refuses mixed dtypes."""
+    x = jnp.asarray(x)
+    return lax.div(x, jnp.asarray(n, x.dtype))
+
+
+def irem(x, n):
+    """``lax.rem(x, n)`` with ``n`` cast to ``x``'s dtype (see :func:`idiv`)."""
+    x = jnp.asarray(x)
+    return lax.rem(x, jnp.asarray(n, x.dtype))
+
+
 def dot(a, b, dims):
     """Matmul accumulating in float32; float32 operands multiply in full precision (no TF32 /
     bf16 passes), so float32 results match the reference to ~1e-6."""

@@ -22,14 +22,14 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 from pallas_kernels import block_mask as bm
-from pallas_kernels.common import EMPTY_LSE, NEG, NN, NT, dot, element_mask
+from pallas_kernels.common import EMPTY_LSE, NEG, NN, NT, dot, element_mask, idiv
 
 
 def _hull(lo, hi, block, length):
     """Blocks ``[first, end)`` covering the union of the non-empty ranges ``[lo, hi)``."""
     valid = lo < hi
-    first = lax.div(jnp.min(jnp.where(valid, lo, length)), block)
-    end = lax.div(jnp.max(jnp.where(valid, hi, 0)) + block - 1, block)
+    first = idiv(jnp.min(jnp.where(valid, lo, length)), block)
+    end = idiv(jnp.max(jnp.where(valid, hi, 0)) + block - 1, block)
     return first, end
 
 
@@ -172,7 +172,7 @@ def forward(q, k, v, seg_BT, bid_BT, *, causal, bq, bk, interpret):
     G = H // k.shape[1]
     _, rows = _meta(seg_BT, bid_BT, causal)
     q_spec = pl.BlockSpec((None, None, bq, D), lambda b, h, i: (b, h, i, 0))
-    kv_spec = pl.BlockSpec((None, None, T, D), lambda b, h, i: (b, lax.div(h, G), 0, 0))
+    kv_spec = pl.BlockSpec((None, None, T, D), lambda b, h, i: (b, idiv(h, G), 0, 0))
     row_spec = pl.BlockSpec((None, bq), lambda b, h, i: (b, i))
     key_spec = pl.BlockSpec((None, T), lambda b, h, i: (b, 0))
     return pl.pallas_call(
@@ -197,7 +197,7 @@ def backward(q, k, v, seg_BT, bid_BT, o, lse, do, *, causal, bq, bk, interpret):
 
     q_spec = pl.BlockSpec((None, None, bq, D), lambda b, h, i: (b, h, i, 0))
     stat_spec = pl.BlockSpec((None, None, bq), lambda b, h, i: (b, h, i))
-    kv_spec = pl.BlockSpec((None, None, T, D), lambda b, h, i: (b, lax.div(h, G), 0, 0))
+    kv_spec = pl.BlockSpec((None, None, T, D), lambda b, h, i: (b, idiv(h, G), 0, 0))
     row_spec = pl.BlockSpec((None, bq), lambda b, h, i: (b, i))
     key_spec = pl.BlockSpec((None, T), lambda b, h, i: (b, 0))
     dq = pl.pallas_call(

@@ -23,13 +23,13 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels import block_mask as bm
-from pallas_kernels.common import EMPTY_LSE, NEG, NN, NT, dot, element_mask
+from pallas_kernels.common import EMPTY_LSE, NEG, NN, NT, dot, element_mask, idiv, irem
 
 
 def _fwd_kernel(row_ref, code_ref, q_ref, k_ref, v_ref, segq_ref, segk_ref, bidk_ref,
                 o_ref, lse_ref, m_sc, l_sc, acc_sc, *, scale, causal, nq, bq, bk):
     s = pl.program_id(1)
-    i = lax.rem(row_ref[s], nq)
+    i = irem(row_ref[s], nq)
     j, kind, first, last = bm.decode_visit(code_ref[s])
 
     @pl.when(first)
@@ -69,7 +69,7 @@ def _fwd_kernel(row_ref, code_ref, q_ref, k_ref, v_ref, segq_ref, segk_ref, bidk
 def _dq_kernel(row_ref, code_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, segq_ref,
                segk_ref, bidk_ref, dq_ref, dq_sc, *, scale, causal, nq, bq, bk):
     s = pl.program_id(1)
-    i = lax.rem(row_ref[s], nq)
+    i = irem(row_ref[s], nq)
     j, kind, first, last = bm.decode_visit(code_ref[s])
 
     @pl.when(first)
@@ -99,7 +99,7 @@ def _dq_kernel(row_ref, code_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_re
 def _dkv_kernel(row_ref, code_ref, q_ref, do_ref, lse_ref, delta_ref, segq_ref, k_ref, v_ref,
                 segk_ref, bidk_ref, dk_ref, dv_ref, dk_sc, dv_sc, *, scale, causal, nk, bq, bk):
     s = pl.program_id(1)
-    j = lax.rem(row_ref[s], nk)  # key block; the visit's "column" is the query block
+    j = irem(row_ref[s], nk)  # key block; the visit's "column" is the query block
     i, kind, first, last = bm.decode_visit(code_ref[s])
 
     @pl.when(first)
@@ -137,7 +137,7 @@ class _Walk:
 
     def _row(self, s, row_ref):
         r = row_ref[s]
-        return lax.div(r, self.n), lax.rem(r, self.n)
+        return idiv(r, self.n), irem(r, self.n)
 
     def own(self, h, s, row_ref, code_ref):  # [B, H, T, X] arrays, query-head indexed
         b, r = self._row(s, row_ref)
@@ -145,23 +145,23 @@ class _Walk:
 
     def own_kv(self, h, s, row_ref, code_ref):  # [B, K, T, X] arrays
         b, r = self._row(s, row_ref)
-        return b, lax.div(h, self.G), r, 0
+        return b, idiv(h, self.G), r, 0
 
     def own_col(self, h, s, row_ref, code_ref):  # [B, T, 1] per-position metadata
         b, r = self._row(s, row_ref)
         return b, r, 0
 
     def other(self, h, s, row_ref, code_ref):  # [B, H, T, X], block = the visit's column
-        return self._row(s, row_ref)[0], h, lax.div(code_ref[s], 16), 0
+        return self._row(s, row_ref)[0], h, idiv(code_ref[s], 16), 0
 
     def other_kv(self, h, s, row_ref, code_ref):
-        return self._row(s, row_ref)[0], lax.div(h, self.G), lax.div(code_ref[s], 16), 0
+        return self._row(s, row_ref)[0], idiv(h, self.G), idiv(code_ref[s], 16), 0
 
     def other_row(self, h, s, row_ref, code_ref):  # [B, 1, T] per-position metadata
-        return self._row(s, row_ref)[0], 0, lax.div(code_ref[s], 16)
+        return self._row(s, row_ref)[0], 0, idiv(code_ref[s], 16)
 
     def other_stat_row(self, h, s, row_ref, code_ref):  # [B, H, 1, T] per-row statistics
-        return self._row(s, row_ref)[0], h, 0, lax.div(code_ref[s], 16)
+        return self._row(s, row_ref)[0], h, 0, idiv(code_ref[s], 16)
 
 
 def _call(kernel, walk_lists, H, in_specs, out_specs, out_shape, scratch, interpret, *args):

@@ -128,6 +128,26 @@ def test_matches_xla_and_numpy_f32(impl, case):
     assert np.all(o[pad_rows] == 0) and np.all(grads[0][pad_rows] == 0)
 
 
+@pytest.mark.parametrize("x64", [False, True], ids=["x64_off", "x64_on"])
+@pytest.mark.parametrize("impl", ("xla", *PALLAS))
+def test_works_with_x64_on_and_off(impl, x64):
+    """Users turn on ``jax_enable_x64`` for float64 checks; index arithmetic must not mix int32/int64."""
+    rng = np.random.default_rng(11)
+    old = jax.config.jax_enable_x64
+    jax.config.update("jax_enable_x64", x64)
+    try:
+        q, k, v, do = random_qkvd(rng, 1, 96, 4, 2, 64, jnp.float32)
+        seg_np, bid_np = packed_mask_inputs(rng, 1, 96)
+        o, grads = run(impl, q, k, v, jnp.asarray(seg_np), jnp.asarray(bid_np), do, causal=True,
+                       block_sizes=(32, 32))
+    finally:
+        jax.config.update("jax_enable_x64", old)
+    o_np, grads_np = numpy_attention(q, k, v, dense_mask(seg_np, bid_np, True), do)
+    assert_close(o, o_np, 1e-5, "out vs numpy")
+    for name, g, gn in zip("qkv", grads, grads_np):
+        assert_close(g, gn, 1e-5, f"d{name} vs numpy")
+
+
 @pytest.mark.parametrize("impl", PALLAS)
 def test_bfloat16_glm(impl):
     rng = np.random.default_rng(11)
