@@ -33,32 +33,37 @@ def loss_sums(params, batch, graphdef, mesh):
     return cross_entropy_sums(logits, batch["targets"], batch["loss_weights"])
 
 
+def accumulated_grads(params, batch, graphdef, mesh: Mesh, accum: int):
+    """``(loss_sum, weight_sum, grads)``: gradients of the *summed* weighted token loss over ``accum``
+    micro-batches (rows ``i*accum+m`` form micro-batch ``m``), added up in float32. Dividing by the
+    global ``weight_sum`` afterwards gives exactly the full-batch mean-loss gradient (up to float32
+    summation order)."""
+    def grads_of(b):
+        return jax.value_and_grad(lambda p: loss_sums(p, b, graphdef, mesh), has_aux=True)(params)
+
+    if accum == 1:
+        (loss_sum, weight), grads = grads_of(batch)
+        return loss_sum, weight, grads
+    micro = jax.tree.map(lambda x: _split_micro(x, accum, mesh), batch)
+
+    def body(carry, mb):
+        (s, w), g = grads_of(mb)
+        acc_s, acc_w, acc_g = carry
+        return (acc_s + s, acc_w + w, jax.tree.map(jnp.add, acc_g, g)), None
+
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+    (loss_sum, weight, grads), _ = jax.lax.scan(body, (0.0, 0.0, zeros), micro)
+    return loss_sum, weight, grads
+
+
 def make_train_step(cfg, spec: ModelSpec, mesh: Mesh):
     """``train_step(state, batch) -> (state, metrics)``, jitted with donated state."""
     accum = int(cfg.optimizer.grad_accum_steps)
     schedule = learning_rate_schedule(cfg)
 
-    def grads_of(params, batch):
-        def f(p, b):
-            s, w = loss_sums(p, b, spec.graphdef, mesh)
-            return s, w
-
-        return jax.value_and_grad(f, has_aux=True)(params, batch)
-
     def train_step(state: TrainState, batch):
         with activation_mesh(mesh):
-            if accum == 1:
-                (loss_sum, weight), grads = grads_of(state.params, batch)
-            else:
-                micro = jax.tree.map(lambda x: _split_micro(x, accum, mesh), batch)
-
-                def body(carry, mb):
-                    (s, w), g = grads_of(state.params, mb)
-                    acc_s, acc_w, acc_g = carry
-                    return (acc_s + s, acc_w + w, jax.tree.map(jnp.add, acc_g, g)), None
-
-                zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
-                (loss_sum, weight, grads), _ = jax.lax.scan(body, (0.0, 0.0, zeros), micro)
+            loss_sum, weight, grads = accumulated_grads(state.params, batch, spec.graphdef, mesh, accum)
         denom = jnp.maximum(weight, 1.0)
         grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, state.params)
         updates, opt_state = spec.tx.update(grads, state.opt_state, state.params)
