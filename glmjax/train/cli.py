@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 
 USAGE = """python -m glmjax.train --config=configs/tiny.py --workdir=DIR [--config.KEY=VALUE ...]
@@ -19,7 +18,9 @@ def parse_args(argv):
     p.add_argument("--workdir", required=True, help="output directory: metrics.jsonl, tensorboard/, checkpoints/")
     p.add_argument("--restart", default="true", choices=["true", "false"],
                    help="true (default): resume from the latest checkpoint in --workdir; false: start over")
-    p.add_argument("--log_level", default="INFO", help="Python logging level (default INFO)")
+    p.add_argument("--log_level", default="INFO",
+                   help="INFO (default): our own lines only; DEBUG: also every library's log (TensorFlow, "
+                        "absl, libtpu) and tracebacks")
     p.add_argument("--multihost", action="store_true",
                    help="initialise jax.distributed by auto-detection (Cloud TPU pod, GKE, Slurm)")
     p.add_argument("--coordinator_address", default=None, help="HOST:PORT of process 0 (explicit multi-host)")
@@ -34,10 +35,12 @@ def parse_args(argv):
 
 def main(argv=None) -> None:
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    if args.log_level.upper() == "INFO":
-        logging.getLogger("absl").setLevel(logging.WARNING)  # orbax's per-save INFO chatter  # seqio's TensorFlow: keep the console readable
+    from glmjax.console import setup_logging
+
+    try:
+        setup_logging(args.log_level)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
     from glmjax import distributed
     from glmjax.checkpoint import CheckpointError
     from glmjax.config import ConfigError, load_config
@@ -53,5 +56,15 @@ def main(argv=None) -> None:
     except (CheckpointError, FileNotFoundError, ValueError) as e:  # bad data paths, unreadable checkpoints
         logging.getLogger("glmjax.train").debug("traceback", exc_info=True)
         sys.exit(f"error: {e}\n(run with --log_level=DEBUG for the traceback)")
-    final = {k: v for k, v in result.items() if k != "state"}
-    logging.getLogger("glmjax.train").info("done: %s", final)
+    if not result.get("already_done"):
+        logging.getLogger("glmjax.train").info(summary_line(result))
+
+
+def summary_line(result: dict) -> str:
+    """One line for the end of a run: step, losses, throughput."""
+    parts = [f"done: step {result['step']}"]
+    for key, label, fmt in (("loss", "loss", "{:.4f}"), ("eval_loss", "eval loss", "{:.4f}"),
+                            ("tokens_per_second", "tokens/s", "{:,.0f}"), ("mfu", "MFU", "{:.1%}")):
+        if result.get(key) is not None:
+            parts.append(f"{label} {fmt.format(result[key])}")
+    return ", ".join(parts)
