@@ -1,6 +1,7 @@
 """Bad configs fail before compiling, with a message naming the key, the problem and the fix."""
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from glmjax.config import ConfigError, load_config, validate
@@ -91,3 +92,45 @@ def test_cli_reports_missing_data_path_without_traceback(tmp_path):
     assert r.returncode != 0
     assert "error:" in r.stderr and str(tmp_path / "nothing_here") in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def run_train_cli(*args, timeout=300):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "glmjax.train", f"--config={TINY}", *args],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_cli_workdir_that_is_a_file(tmp_path):
+    f = tmp_path / "a_file"
+    f.write_text("not a directory")
+    r = run_train_cli(f"--workdir={f}", timeout=120)
+    assert r.returncode != 0
+    assert "is an existing file, not a directory" in r.stderr and str(f) in r.stderr
+    assert "Traceback" not in r.stderr
+    assert f.read_text() == "not a directory"
+
+
+def test_cli_small_corpus_with_empty_validation_split(tmp_path):
+    """46 JSONL documents whose hash-chosen 5% validation share is empty: a message with the counts and
+    the fixes before training starts, not a bare StopIteration at the first evaluation."""
+    import json
+
+    from glmjax.data.sources import split_of
+
+    rng = np.random.default_rng(0)
+    words = "the model learns 語言 模型 數據 blank infilling of text and code 訓練 from scratch".split()
+    name = next(n for n in (f"corpus{i}.jsonl" for i in range(1000))
+                if all(split_of(f"{n}:{j}", 0.05) == "train" for j in range(46)))
+    docs = [" ".join(rng.choice(words, 250)) + f" {i}" for i in range(46)]
+    (tmp_path / name).write_text("".join(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in docs),
+                                 encoding="utf-8")
+    r = run_train_cli(f"--workdir={tmp_path / 'w'}", f"--config.data.task=jsonl:{tmp_path}/*.jsonl@text",
+                      "--config.steps=3")
+    assert r.returncode != 0
+    assert "validation split is empty" in r.stderr
+    assert "46 train / 0 validation documents" in r.stderr
+    assert "--config.data.validation_fraction=" in r.stderr and "--config.eval_every=0" in r.stderr
+    assert "Traceback" not in r.stderr and "StopIteration" not in r.stderr
+    assert not (tmp_path / "w" / "checkpoints").exists() or not any((tmp_path / "w" / "checkpoints").iterdir())

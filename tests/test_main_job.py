@@ -2,6 +2,7 @@
 corpus, one CPU device, in a subprocess exactly as a user runs it."""
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -38,3 +39,25 @@ def test_tiny_config_trains_and_eval_loss_falls(tmp_path):
             assert isinstance(rec[key], float) and rec[key] == rec[key], (key, rec)
         assert rec["tokens_per_second"] > 0 and rec["mfu"] > 0  # CPU MFU is a ratio to a measured matmul rate
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    assert_quiet_console(r.stderr)
+    assert "done: step 200, loss " in r.stderr and "eval loss " in r.stderr
+
+    # Running the finished run again says so and how to go on, instead of an empty summary.
+    again = run_cli("--config=configs/tiny.py", f"--workdir={workdir}", "--config.steps=200",
+                    "--config.eval_every=100", "--config.log_every=20")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "already at step 200 of 200" in again.stderr
+    assert "--config.steps=400" in again.stderr and "--restart=false" in again.stderr
+    assert "done: {}" not in again.stderr
+
+
+OUR_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ (INFO|WARNING|ERROR) glmjax[.\w]*: ")
+
+
+def assert_quiet_console(stderr: str):
+    """Only our own lines: glmjax log lines and the progress bar; no TensorFlow / absl / JAX chatter."""
+    for line in stderr.replace("\r", "\n").splitlines():
+        if line.strip():
+            assert OUR_LINE.match(line) or line.startswith("train:"), f"not our line: {line!r}"
+    for word in ("cuda", "absl", "normalizer.cc", "libtpu", "E0000", "empty file"):
+        assert word not in stderr, word

@@ -6,6 +6,7 @@ from typing import Iterator
 import numpy as np
 import seqio
 
+from glmjax.data import sources
 from glmjax.data.vocab import SPECIAL_TOKENS, special_ids
 
 
@@ -47,3 +48,19 @@ def segments(batch: dict[str, np.ndarray], vocab: seqio.SentencePieceVocabulary)
                 rec["spans"] = [dict(position=int(positions[b]), text=decode(vocab, tokens[b + 1:e]))
                                 for b, e in zip(starts[:-1], starts[1:])]
             yield rec
+
+
+def split_document_counts(cfg) -> dict[str, dict[str, int | str]]:
+    """Documents per split for each source of ``cfg.data.task`` (reads every document: for messages
+    about small corpora, not for the hot path). TFDS sources answer ``"?"``."""
+    from glmjax.data.tasks import parse_task
+
+    out = {}
+    for spec, _ in parse_task(cfg.data.task):
+        if spec.kind == "tfds":
+            out[spec.key] = {"train": "?", "validation": "?"}
+            continue
+        frac = float(cfg.data.validation_fraction)
+        out[spec.key] = {split: sum(1 for _ in sources.iter_texts(spec, split, frac))
+                         for split in sources.SPLITS}
+    return out

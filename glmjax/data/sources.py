@@ -125,7 +125,9 @@ def list_files(spec: SourceSpec, split: str, validation_fraction: float = 0.05) 
         raise ValueError(f"source kind {spec.kind!r} has no files")
     empty = [f for f in files if os.path.getsize(f) == 0]
     if empty:
-        log.warning("data source %s: skipped %d empty file(s), e.g. %s", spec.key, len(empty), empty[0])
+        # the standard library ships empty __init__.py files: expected there, worth a note elsewhere
+        log.log(logging.DEBUG if spec.kind == "stdlib" else logging.WARNING,
+                "data source %s: skipped %d empty file(s), e.g. %s", spec.key, len(empty), empty[0])
         files = [f for f in files if os.path.getsize(f) > 0]
     if not files:
         raise FileNotFoundError(f"data source {spec.key}: every matched file is empty")

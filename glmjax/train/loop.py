@@ -42,12 +42,30 @@ class Evaluator:
         self.to_global, self.sharding = to_global, sharding
         self._batches = None
 
-    def __call__(self, params) -> float:
-        if self._batches is None:
-            it = self.make_iter()
-            self._batches = [next(it) for _ in range(self.cfg.eval_steps)]
+    def prepare(self) -> None:
+        """Read the eval batches now (before training starts), so an empty validation split is an
+        error with a fix, not a ``StopIteration`` at the first evaluation."""
+        if self._batches is not None:
+            return
+        it = self.make_iter()
+        try:
+            self._batches = []
+            for _ in range(self.cfg.eval_steps):
+                try:
+                    self._batches.append(next(it))
+                except StopIteration:
+                    break
+        finally:
             if hasattr(it, "close"):
                 it.close()
+        if not self._batches:
+            raise ValueError(empty_validation_message(self.cfg))
+        if len(self._batches) < self.cfg.eval_steps:
+            log.warning("the validation split gave %d of eval_steps=%d batches; eval_loss averages over "
+                        "those", len(self._batches), self.cfg.eval_steps)
+
+    def __call__(self, params) -> float:
+        self.prepare()
         total, weight = 0.0, 0.0
         for b in self._batches:
             s, w = jax.device_get(self.eval_step(params, self.to_global(b, self.sharding)))
@@ -60,6 +78,10 @@ def train(cfg, workdir: str, *, restart: bool = True, pipelines=None) -> dict:
     validate(cfg, jax.device_count())
     if "://" not in workdir:  # orbax/tensorstore need absolute local paths; gs:// etc. pass through
         workdir = os.path.abspath(workdir)
+        if os.path.exists(workdir) and not os.path.isdir(workdir):
+            raise ValueError(f"--workdir={workdir} is an existing file, not a directory: the run writes "
+                             "metrics.jsonl, tensorboard/ and checkpoints/ into it; pass a directory path "
+                             "(it is created if missing)")
     if restart:
         check_compatible(workdir, cfg)  # a different model on this workdir fails now, not after data set-up
     mesh = make_mesh(cfg)
@@ -68,6 +90,15 @@ def train(cfg, workdir: str, *, restart: bool = True, pipelines=None) -> dict:
     log.info("model: %.2fM parameters (%.2fM non-embedding); mesh %s", fpt.params / 1e6,
              fpt.non_embedding_params / 1e6, dict(mesh.shape))
     train_iter, make_eval_iter, to_global = pipelines or _default_pipelines(cfg)
+    bsh = batch_sharding(mesh)
+    evaluate = Evaluator(cfg, make_eval_step(cfg, spec, mesh), make_eval_iter, to_global, bsh)
+    if cfg.eval_every:
+        try:
+            evaluate.prepare()  # an empty validation split fails here, before anything is compiled
+        except BaseException:
+            if hasattr(train_iter, "close"):
+                train_iter.close()
+            raise
 
     # CHECKPOINT: create the Checkpointer and restore (state, data_state) from the latest good checkpoint
     ckpt = Checkpointer(workdir, cfg, restart=restart)
@@ -80,13 +111,17 @@ def train(cfg, workdir: str, *, restart: bool = True, pipelines=None) -> dict:
         if data_state is not None:
             train_iter.set_state(data_state)
     start = int(jax.device_get(state.step))
+    if start >= cfg.steps:
+        if hasattr(train_iter, "close"):
+            train_iter.close()
+        ckpt.close()
+        log.info(already_done_message(start, cfg.steps, ckpt.directory))
+        return {"state": state, "step": start, "already_done": True}
 
     is_main = jax.process_index() == 0
     writer = MetricsWriter(workdir, enabled=is_main)
     writer.truncate_after(start if restored is not None else -1)  # a fresh start rewrites step 0 as well
-    bsh = batch_sharding(mesh)
     train_step = make_train_step(cfg, spec, mesh)
-    evaluate = Evaluator(cfg, make_eval_step(cfg, spec, mesh), make_eval_iter, to_global, bsh)
     peak, peak_src = peak_flops_per_device()
     log.info("peak FLOP/s per device: %.3g (%s); %d devices", peak, peak_src, jax.device_count())
 
@@ -139,4 +174,29 @@ def train(cfg, workdir: str, *, restart: bool = True, pipelines=None) -> dict:
         writer.close()
         if hasattr(train_iter, "close"):
             train_iter.close()
-    return {"state": state, **last}
+    return {"state": state, "step": int(jax.device_get(state.step)), **last}
+
+
+def already_done_message(step: int, steps: int, directory: str) -> str:
+    if step == steps:
+        head = f"already at step {step} of {steps}: the latest checkpoint in {directory} finished this run"
+    else:
+        head = (f"the latest checkpoint in {directory} is at step {step}, past --config.steps={steps}")
+    return (f"{head}; nothing to train. To train further, raise the step count (e.g. "
+            f"--config.steps={2 * max(step, 1)}); to start over, add --restart=false.")
+
+
+def empty_validation_message(cfg) -> str:
+    from glmjax.data.inspect import split_document_counts
+
+    counts = split_document_counts(cfg)
+    where = ", ".join(f"{k}: {v['train']} train / {v['validation']} validation documents"
+                      for k, v in counts.items())
+    total = sum(v["train"] + v["validation"] for v in counts.values())
+    frac = float(cfg.data.validation_fraction)
+    need = min(0.5, max(frac * 2, 2.0 / max(total, 1)))
+    return (f"the validation split is empty, so evaluation (eval_every={cfg.eval_every}) has nothing to "
+            f"measure: data.task={cfg.data.task!r} ({where}); data.validation_fraction={frac:g} holds out "
+            f"that share of files (JSONL: lines) by a hash of their names. Fix: hold out more with "
+            f"--config.data.validation_fraction={need:.2g}, or train without evaluation with "
+            f"--config.eval_every=0")
