@@ -51,14 +51,19 @@ def find_step(workdir: str, step: int | None = None) -> tuple[int, epath.Path]:
 
 def config_of(step_dir: epath.Path) -> ml_collections.ConfigDict:
     """The run config saved with the step, as a ConfigDict (model section complete for the model)."""
-    from glmjax.config import base_config
-
     path = step_dir / "config" / "config.json"
     try:
         saved = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise CheckpointReadError(f"checkpoint {step_dir} has no readable config ({path}: {e}): the step is "
                                   f"damaged; pass another --step") from None
+    return config_from_dict(saved)
+
+
+def config_from_dict(saved: dict) -> ml_collections.ConfigDict:
+    """``base_config()`` updated with a saved (JSON) config: keys it lacks keep their defaults."""
+    from glmjax.config import base_config
+
     cfg = base_config()
     _merge(cfg, saved)
     return cfg
