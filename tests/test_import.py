@@ -77,8 +77,12 @@ def test_imported_workdir_resumes_training_with_its_tokenizer(hf_dir, tmp_path):
     from glmjax.config import load_config
     from glmjax.train.loop import train
 
+    from glmjax.data.testing import write_corpus
+
     wd = str(tmp_path / "wd")
+    write_corpus(str(tmp_path / "corpus"), 20)
     import_hf(hf_dir, wd, overrides=["--config.batch_size=8", "--config.seq_len=32", "--config.eval_every=0",
+                                     f"--config.data.task=text:{tmp_path}/corpus/*.txt", "--config.data.prefetch=2",
                                      "--config.optimizer.warmup_steps=1", "--config.log_every=1"])
     cfg = load_config(os.path.join(wd, "imported_config.py"), ["--config.steps=2"])
     result = train(cfg, wd)
