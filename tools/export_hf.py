@@ -41,7 +41,8 @@ def main(argv=None) -> int:
                max_shard_size=args.max_shard_size, tokenizer=args.tokenizer, progress=True)
     load = "" if s["format"] == "hf" else ", trust_remote_code=True"
     print(f"exported step {s['step']} to {s['out']}: format {s['format']}, {s['shards']} shard(s), "
-          f"{s['bytes'] / 1e9:.3f} GB in {s['seconds']:.1f}s ({s['bytes'] / 1e9 / max(s['seconds'], 1e-9):.2f} GB/s)\n"
+          f"{s['bytes'] / 1e9:.3f} GB in {s['seconds']:.1f}s (tensors {s['tensor_seconds']:.1f}s: "
+          f"{s['bytes'] / 1e9 / max(s['tensor_seconds'], 1e-9):.2f} GB/s)\n"
           f"load it with AutoModelForCausalLM.from_pretrained({s['out']!r}{load})")
     return 0
 

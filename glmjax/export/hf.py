@@ -149,6 +149,7 @@ def export(workdir: str, out: str, *, step: int | None = None, fmt: str = "auto"
                                metadata={"glmjax_step": str(reader.step)})
         if bar:
             bar.close()
+        tensor_seconds = time.perf_counter() - t0
         special = _write_tokenizer(tok_src, tmp)
         _write_configs(reader, fmt, dtype, special, tmp)
         if os.path.isdir(out):
@@ -158,7 +159,7 @@ def export(workdir: str, out: str, *, step: int | None = None, fmt: str = "auto"
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     seconds = time.perf_counter() - t0
-    summary.update(format=fmt, step=reader.step, out=out, seconds=seconds)
+    summary.update(format=fmt, step=reader.step, out=out, seconds=seconds, tensor_seconds=tensor_seconds)
     log.info("exported step %d of %s to %s (%s, %d shard(s), %.2f GB, %.1fs)", reader.step, reader.workdir, out,
              fmt, summary["shards"], summary["bytes"] / 1e9, seconds)
     return summary

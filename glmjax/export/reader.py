@@ -110,7 +110,7 @@ class CheckpointReader:
         return sorted(self._meta)
 
     def shape(self, name: tuple[str, ...]) -> tuple[int, ...]:
-        return self._meta[tuple(name)]
+        return self._meta[tuple(name)] or tuple(self._array(name).shape)
 
     def _array(self, name):
         name = tuple(name)
