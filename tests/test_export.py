@@ -148,3 +148,14 @@ def test_bad_inputs_are_clear_errors_and_leave_nothing(glm130b_workdir, tmp_path
     with pytest.raises(CheckpointReadError, match="damaged"):
         export(broken, out)
     assert not os.path.exists(out) and not [p for p in os.listdir(tmp_path) if p.startswith("out")]
+
+
+def test_cli_reports_user_errors_without_a_traceback(tmp_path):
+    import subprocess
+    import sys
+
+    tool = os.path.join(os.path.dirname(__file__), "..", "tools", "export_hf.py")
+    r = subprocess.run([sys.executable, tool, f"--workdir={tmp_path / 'missing'}", f"--out={tmp_path / 'o'}"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "does not exist" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "o").exists()

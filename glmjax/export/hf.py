@@ -74,6 +74,16 @@ def remote_tensors(model_cfg, read):
     return sorted(tensors, key=lambda t: _order(t[0]))
 
 
+def _tensor_major(name: str):
+    """Order of writing: every layer of one parameter, then the next (the checkpoint stacks layers, so a
+    stacked tensor's chunks are decoded once); the files' order does not matter to the loaders."""
+    parts = name.split(".")
+    if "layers" in parts:
+        k = parts.index("layers")
+        return (1, ".".join(parts[k + 2:]), int(parts[k + 1]))
+    return (0 if "embed" in name else 2, name, 0)
+
+
 def _order(name: str):
     parts = name.split(".")
     return (0 if parts[0] == "embed" else 1 if parts[0] == "layers" else 2,
@@ -134,6 +144,7 @@ def export(workdir: str, out: str, *, step: int | None = None, fmt: str = "auto"
     tok_src = _tokenizer_source(reader.cfg, tokenizer)
     read = layer_reader(reader)
     tensors = hf_mapping.hf_tensors(m, read) if fmt == "hf" else remote_tensors(m, read)
+    tensors = sorted(tensors, key=lambda t: _tensor_major(t[0]))
     tmp = f"{out}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)

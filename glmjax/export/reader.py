@@ -85,7 +85,9 @@ class CheckpointReader:
     ``read(name, index=...)``: a NumPy array of the tensor or of ``tensor[index]``.
     """
 
-    def __init__(self, workdir: str, step: int | None = None):
+    def __init__(self, workdir: str, step: int | None = None, *, block_bytes: int = 2 * 1024**3):
+        self.block_bytes = int(block_bytes)
+        self._block = (None, None, None)  # (name, first layer, array) of the cached layer block
         self.workdir = _abs(workdir)
         self.step, self.step_dir = find_step(self.workdir, step)
         self.cfg = config_of(self.step_dir)
@@ -130,7 +132,25 @@ class CheckpointReader:
         return self._open[name]
 
     def read(self, name, index=None) -> np.ndarray:
+        """``tensor`` or ``tensor[index]``. An int ``index`` (one layer of a stacked tensor) is served from
+        the chunk-aligned block of layers holding it, kept until another block is read, when that block
+        is a single chunk (which any read must decode whole anyway) or at most ``block_bytes``; so
+        reading the layers of one tensor in order decodes each chunk once."""
         arr = self._array(name)
+        if isinstance(index, (int, np.integer)) and arr.rank >= 1:
+            c0 = int(arr.chunk_layout.read_chunk.shape[0] or 1)
+            start = (int(index) // c0) * c0
+            stop = min(start + c0, arr.shape[0])
+            block_bytes = (stop - start) * int(np.prod(arr.shape[1:])) * arr.dtype.numpy_dtype.itemsize
+            single_chunk = list(arr.chunk_layout.read_chunk.shape[1:]) == list(arr.shape[1:])
+            if single_chunk or block_bytes <= self.block_bytes:
+                if self._block[:2] != (tuple(name), start):
+                    self._block = (None, None, None)
+                    self._block = (tuple(name), start, self._read(name, arr, slice(start, stop)))
+                return self._block[2][int(index) - start]
+        return self._read(name, arr, index)
+
+    def _read(self, name, arr, index) -> np.ndarray:
         try:
             view = arr if index is None else arr[index]
             out = np.asarray(view.read().result())
