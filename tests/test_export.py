@@ -125,6 +125,10 @@ def test_tokenizer_gives_sentencepiece_ids(glm4_workdir, tmp_path, sp_model):
         checked += len(text)
     assert checked > 50_000
     assert auto.convert_tokens_to_ids("[gMASK]") == ours.special["[gMASK]"]
+    from glmjax.data.vocab import SPECIAL_TOKENS
+    from glmjax.export import tokenizer as export_tokenizer
+
+    assert export_tokenizer.SPECIAL_TOKENS == SPECIAL_TOKENS
     hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16)
     assert next(hf.parameters()).dtype == torch.bfloat16
 

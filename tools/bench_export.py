@@ -26,7 +26,8 @@ MODEL = dict(num_layers=16, hidden_size=2048, num_heads=16, num_kv_heads=8, head
              vocab_size=32000, norm="rmsnorm_pre", mlp="swiglu", rope_2d=False, qkv_bias=True, tie_embeddings=False)
 
 
-def create(workdir: str, layers: int) -> int:
+def create(workdir: str, layers: int, shards: int) -> int:
+    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={shards}"
     import jax
     import numpy as np
     import orbax.checkpoint as ocp
@@ -41,7 +42,18 @@ def create(workdir: str, layers: int) -> int:
     cfg.model.num_layers = layers
     _, abstract, _ = abstract_params(cfg.model)
     rng = np.random.default_rng(0)
-    params = jax.tree.map(lambda s: (0.02 * rng.standard_normal(s.shape, dtype=np.float32)), abstract)
+    # Saved sharded over the (fake) devices along each tensor's largest divisible dimension, as a
+    # multi-device training run saves it: orbax writes one zarr chunk per shard.
+    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("x",))
+
+    def place(s):
+        x = 0.02 * rng.standard_normal(s.shape, dtype=np.float32)
+        dims = [d for d in np.argsort(s.shape)[::-1] if s.shape[d] % len(jax.devices()) == 0]
+        spec = [None] * len(s.shape)
+        if dims:
+            spec[dims[0]] = "x"
+        return jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec)))
+    params = jax.tree.map(place, abstract)
     n = sum(x.size for x in jax.tree.leaves(params))
     step_dir = os.path.join(workdir, "checkpoints", "0")
     os.makedirs(os.path.join(step_dir, "config"), exist_ok=True)
@@ -59,6 +71,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="", help="export directory (default WORKDIR.hf; deleted after)")
     p.add_argument("--layers", type=int, default=MODEL["num_layers"], help="layers (16: ~1.0B parameters)")
     p.add_argument("--max_shard_size", default="1GB")
+    p.add_argument("--shards", type=int, default=8, help="devices the checkpoint is saved from (zarr chunks)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--dry_run", action="store_true", help="tiny sizes: check the tool works")
     p.add_argument("--tokenizer", default="", help="SentencePiece model to export with it (default: train one)")
@@ -68,7 +81,7 @@ def main(argv=None) -> int:
         MODEL.update(hidden_size=256, mlp_dim=512, vocab_size=4096, num_heads=4, num_kv_heads=2, head_dim=64)
     if not os.path.isdir(os.path.join(args.workdir, "checkpoints", "0")):
         t0 = time.time()
-        n = create(args.workdir, args.layers)
+        n = create(args.workdir, args.layers, args.shards)
         print(f"created {n / 1e9:.3f}B-parameter checkpoint in {args.workdir} ({time.time() - t0:.0f}s)")
     tok = args.tokenizer
     if not tok:

@@ -91,9 +91,11 @@ def _order(name: str):
 
 
 def _tokenizer_source(cfg, tokenizer: str | None) -> str:
-    from glmjax.data.vocab import cached_tokenizer_path
+    path = tokenizer or cfg.data.tokenizer
+    if not path:
+        from glmjax.data.vocab import cached_tokenizer_path
 
-    path = tokenizer or cfg.data.tokenizer or cached_tokenizer_path(cfg)
+        path = cached_tokenizer_path(cfg)
     path = os.path.expanduser(path)
     if not os.path.exists(path):
         raise ExportError(f"the run's tokenizer {path} does not exist on this machine, so it cannot be exported "
@@ -178,7 +180,7 @@ def export(workdir: str, out: str, *, step: int | None = None, fmt: str = "auto"
 
 def _write_tokenizer(src: str, out_dir: str) -> dict:
     """Write the tokenizer files; returns the special ids (``[MASK]`` ..., ``eos``, ``pad``)."""
-    from glmjax.data.vocab import SPECIAL_TOKENS
+    from glmjax.export.tokenizer import SPECIAL_TOKENS
 
     if os.path.isdir(src):  # a Hugging Face tokenizer directory (imported models): copy it
         for name in os.listdir(src):
