@@ -72,8 +72,26 @@ def _block(block, x, pos, bpos, k_cache, v_cache, start, valid, prefix):
     return x, k_cache, v_cache
 
 
-@nnx.jit(donate_argnums=(1,))
-def cached_forward(module, cache, tokens_BC, pos_BC, bpos_BC, start_B, valid_BS, prefix_B, take_B):
+def jitted_steps(model) -> tuple:
+    """``(state, cached_step, full_step)`` of an InferenceModel, built once and kept on it: jitted functions
+    of the split module's state (the graph is closed over, so no per-token graph traversal).
+    ``cached_step(state, cache, *args)`` is :func:`forward_with_cache`; ``full_step(state, feats, take_B)``
+    the training forward's logits at ``take_B``."""
+    steps = getattr(model, "_jitted_steps", None)
+    if steps is None:
+        graphdef, state = nnx.split(model.module)
+
+        def full(state, feats, take_B):
+            logits = nnx.merge(graphdef, state)(feats)
+            return jnp.take_along_axis(logits, take_B[:, None, None], axis=1)[:, 0].astype(jnp.float32)
+
+        steps = (state, jax.jit(lambda st, cache, *a: forward_with_cache(nnx.merge(graphdef, st), cache, *a),
+                                donate_argnums=(1,)), jax.jit(full))
+        model._jitted_steps = steps
+    return steps
+
+
+def forward_with_cache(module, cache, tokens_BC, pos_BC, bpos_BC, start_B, valid_BS, prefix_B, take_B):
     """Run ``tokens_BC`` (written at slots ``start_B + 0..C-1``) through the model with the cache.
 
     ``valid_BS`` must already mark the chunk's slots. Returns ``(logits_BV, cache)``: float32 logits

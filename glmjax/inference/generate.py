@@ -14,9 +14,8 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-from glmjax.inference.decode import cached_forward, init_cache
+from glmjax.inference.decode import init_cache, jitted_steps
 
 
 @functools.partial(jax.jit, static_argnames=("greedy",))
@@ -31,12 +30,6 @@ def _sample(logits_BV, key, temperature, top_p, *, greedy: bool):
     sorted_logits = jnp.where(keep, sorted_logits, -jnp.inf)
     choice = jax.random.categorical(key, sorted_logits, axis=-1)
     return jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
-
-
-@nnx.jit
-def _full_forward(module, feats, take_B):
-    logits = module(feats)
-    return jnp.take_along_axis(logits, take_B[:, None, None], axis=1)[:, 0].astype(jnp.float32)
 
 
 def generate_ids(model, prompts: list[list[int]], *, max_new_tokens: int, temperature: float = 0.0,
@@ -74,11 +67,11 @@ def generate_ids(model, prompts: list[list[int]], *, max_new_tokens: int, temper
     key = jax.random.PRNGKey(seed)
     greedy = temperature == 0.0
     stop = np.asarray(list(stop_ids), np.int32)
-    module = model.module
+    state, cached_step, full_step = jitted_steps(model)
 
     if use_cache:
         cache = init_cache(model.model_cfg, B, S)
-        logits, cache = cached_forward(module, cache, jnp.asarray(tok[:, :Tp]), jnp.asarray(pos[:, :Tp]),
+        logits, cache = cached_step(state, cache, jnp.asarray(tok[:, :Tp]), jnp.asarray(pos[:, :Tp]),
                                        jnp.asarray(bpos[:, :Tp]), jnp.zeros(B, jnp.int32), jnp.asarray(valid),
                                        jnp.asarray(prefix), jnp.asarray(cur))
     out = [[] for _ in range(B)]
@@ -87,7 +80,7 @@ def generate_ids(model, prompts: list[list[int]], *, max_new_tokens: int, temper
         if not use_cache:
             feats = {"tokens": tok, "positions": pos, "block_positions": bpos, "segment_ids": valid.astype(np.int32),
                      "bidirectional": (np.arange(S)[None, :] < prefix[:, None]).astype(np.int32)}
-            logits = _full_forward(module, {k: jnp.asarray(v) for k, v in feats.items()}, jnp.asarray(cur))
+            logits = full_step(state, {k: jnp.asarray(v) for k, v in feats.items()}, jnp.asarray(cur))
         key, sub = jax.random.split(key)
         new = np.asarray(_sample(logits, sub, jnp.float32(temperature), jnp.float32(top_p), greedy=greedy))
         for b in range(B):
@@ -103,7 +96,7 @@ def generate_ids(model, prompts: list[list[int]], *, max_new_tokens: int, temper
         bpos[rows, slot] = bpos[rows, cur] + bpos_step
         valid[rows, slot] = True
         if use_cache:
-            logits, cache = cached_forward(module, cache, jnp.asarray(new[:, None]), jnp.asarray(pos[rows, slot][:, None]),
+            logits, cache = cached_step(state, cache, jnp.asarray(new[:, None]), jnp.asarray(pos[rows, slot][:, None]),
                                            jnp.asarray(bpos[rows, slot][:, None]), jnp.asarray(slot), jnp.asarray(valid),
                                            jnp.asarray(prefix), jnp.zeros(B, jnp.int32))
         cur = slot
