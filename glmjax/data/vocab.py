@@ -58,6 +58,8 @@ class SpecialIds:
 
 def special_ids(vocab: seqio.SentencePieceVocabulary) -> SpecialIds:
     """The special ids of ``vocab`` (looked up by piece, so any compatible model works)."""
+    if hasattr(vocab, "special_ids"):  # glmjax.data.hf_vocab.HFVocabulary
+        return vocab.special_ids
     sp = vocab.tokenizer
     ids = [sp.piece_to_id(p) for p in SPECIAL_TOKENS]
     missing = [p for p, i in zip(SPECIAL_TOKENS, ids) if i == sp.unk_id()]
@@ -71,6 +73,8 @@ def special_ids(vocab: seqio.SentencePieceVocabulary) -> SpecialIds:
 
 def sentence_end_table(vocab: seqio.SentencePieceVocabulary) -> np.ndarray:
     """bool[vocab.vocab_size]: the token ends a sentence (piece ends in . ! ? or is a newline)."""
+    if hasattr(vocab, "sentence_end_table"):  # glmjax.data.hf_vocab.HFVocabulary
+        return vocab.sentence_end_table()
     sp = vocab.tokenizer
     table = np.zeros(sp.get_piece_size(), dtype=bool)
     newline = sp.piece_to_id("<0x0A>")
@@ -175,10 +179,19 @@ def tokenizer_source(cfg) -> sources.SourceSpec:
 
 
 def get_vocabulary(cfg) -> seqio.SentencePieceVocabulary:
-    """The run's vocabulary: ``data.tokenizer`` if set, else the cached (built on first use) one."""
+    """The run's vocabulary: ``data.tokenizer`` if set (a SentencePiece model, or a Hugging Face tokenizer
+    directory with ``tokenizer.json``), else the cached (built on first use) one."""
     path = cfg.data.tokenizer
     if path:
         path = os.path.expanduser(path)
+        from glmjax.data.hf_vocab import HFVocabulary, is_hf_tokenizer_dir
+
+        if is_hf_tokenizer_dir(path):
+            hf = HFVocabulary(path)
+            if hf.vocab_size > cfg.model.vocab_size:
+                raise ValueError(f"tokenizer {path} has {hf.vocab_size} tokens > model.vocab_size="
+                                 f"{cfg.model.vocab_size}. Fix: raise model.vocab_size or use a smaller tokenizer.")
+            return hf
         if not os.path.exists(path):
             raise FileNotFoundError(
                 f"data.tokenizer={path!r} does not exist. Fix: build one with "

@@ -38,7 +38,8 @@ def check_exportable(model_cfg) -> None:
         problems.append("model.rope_2d=True (GlmForCausalLM has 1D rotary only)")
     if problems:
         raise ValueError("model is not GLM-4 style, so it does not map onto GlmForCausalLM: "
-                         + "; ".join(problems) + ". Export it with the self-contained PyTorch GLM instead.")
+                         + "; ".join(problems) + ". Export it with --format=remote (the self-contained PyTorch GLM, "
+                         "loaded with trust_remote_code=True) instead.")
 
 
 def hf_config(model_cfg, *, max_position_embeddings: int = 8192) -> dict:
@@ -57,49 +58,66 @@ def hf_config(model_cfg, *, max_position_embeddings: int = 8192) -> dict:
     )
 
 
-def _layers(params, model_cfg):
-    """Per-layer dicts of arrays, whether the layers are stacked (scanned) or a list."""
-    layers = params["layers"]
-    if model_cfg.scan_layers:
-        return [_index(layers, i) for i in range(int(model_cfg.num_layers))]
-    if isinstance(layers, dict):  # nnx.List pure dict: {0: {...}, 1: {...}}
-        return [layers[k] for k in sorted(layers, key=int)]
-    return list(layers)
+def hf_tensors(model_cfg, read, *, check: bool = True) -> list[tuple[str, tuple[int, ...], object]]:
+    """The HF ``GlmForCausalLM`` tensors as ``(name, shape, make)``; ``make()`` reads and maps one tensor.
+
+    ``read(path, layer)`` returns the glmjax parameter at ``path`` (a tuple such as
+    ``('layers', 'attn', 'wq')``) for one ``layer`` (``None`` for non-layer parameters) as a NumPy
+    array; nothing is read until ``make()`` is called, so an exporter holds one tensor at a time.
+    """
+    if check:
+        check_exportable(model_cfg)
+    m = model_cfg
+    D, H, K, hd, F, V = (int(m.hidden_size), int(m.num_heads), int(m.num_kv_heads), int(m.head_dim),
+                         int(m.mlp_dim), int(m.vocab_size))
+    f32 = lambda x: np.asarray(x, dtype=np.float32)  # noqa: E731
+    out = [("model.embed_tokens.weight", (V, D), lambda: f32(read(("embed",), None)))]
+    for i in range(int(m.num_layers)):
+        p = f"model.layers.{i}."
+
+        def get(*path, i=i):
+            return f32(read(("layers", *path), i))
+
+        out += [
+            (p + "self_attn.q_proj.weight", (H * hd, D), lambda get=get: get("attn", "wq").reshape(D, H * hd).T),
+            (p + "self_attn.k_proj.weight", (K * hd, D), lambda get=get: get("attn", "wk").reshape(D, K * hd).T),
+            (p + "self_attn.v_proj.weight", (K * hd, D), lambda get=get: get("attn", "wv").reshape(D, K * hd).T),
+            (p + "self_attn.o_proj.weight", (D, H * hd), lambda get=get: get("attn", "wo").reshape(H * hd, D).T),
+        ]
+        if m.qkv_bias:
+            out += [(p + "self_attn.q_proj.bias", (H * hd,), lambda get=get: get("attn", "bq").reshape(H * hd)),
+                    (p + "self_attn.k_proj.bias", (K * hd,), lambda get=get: get("attn", "bk").reshape(K * hd)),
+                    (p + "self_attn.v_proj.bias", (K * hd,), lambda get=get: get("attn", "bv").reshape(K * hd))]
+        out += [  # wi [D, 2, F]: index 0 gate, 1 up == HF gate_up_proj rows [gate; up]
+            (p + "mlp.gate_up_proj.weight", (2 * F, D), lambda get=get: get("mlp", "wi").reshape(D, 2 * F).T),
+            (p + "mlp.down_proj.weight", (D, F), lambda get=get: get("mlp", "wo").T),
+            (p + "input_layernorm.weight", (D,), lambda get=get: get("attn_norm", "scale")),
+            (p + "post_attention_layernorm.weight", (D,), lambda get=get: get("mlp_norm", "scale")),
+        ]
+    out.append(("model.norm.weight", (D,), lambda: f32(read(("final_norm", "scale"), None))))
+    if not m.tie_embeddings:
+        out.append(("lm_head.weight", (V, D), lambda: f32(read(("lm_head",), None)).T))
+    return [(n, s, (lambda f=f: np.ascontiguousarray(f()))) for n, s, f in out]
 
 
-def _index(tree, i):
-    if isinstance(tree, dict):
-        return {k: _index(v, i) for k, v in tree.items()}
-    return np.asarray(tree)[i]
+def tree_reader(params, model_cfg):
+    """``read(path, layer)`` over a parameter pure dict (stacked or listed layers)."""
+    def read(path, layer):
+        node = params
+        if path[0] == "layers" and not model_cfg.scan_layers:
+            layers = node["layers"]
+            node = layers[layer] if not isinstance(layers, dict) else {str(k): v for k, v in layers.items()}[str(layer)]
+            path, layer = path[1:], None
+        for key in path:
+            node = node[key]
+        node = np.asarray(node)
+        return node if layer is None else node[layer]
+    return read
 
 
 def to_hf_state_dict(params, model_cfg, *, check: bool = True) -> dict[str, np.ndarray]:
     """HF ``GlmForCausalLM`` state dict (float32 NumPy arrays) from glmjax ``params`` (a pure dict)."""
-    if check:
-        check_exportable(model_cfg)
-    D, H, K, hd = (int(model_cfg.hidden_size), int(model_cfg.num_heads), int(model_cfg.num_kv_heads),
-                   int(model_cfg.head_dim))
-    f32 = lambda x: np.asarray(x, dtype=np.float32)  # noqa: E731
-    out = {"model.embed_tokens.weight": f32(params["embed"]),
-           "model.norm.weight": f32(params["final_norm"]["scale"])}
-    for i, layer in enumerate(_layers(params, model_cfg)):
-        a, mlp = layer["attn"], layer["mlp"]
-        p = f"model.layers.{i}."
-        out[p + "self_attn.q_proj.weight"] = f32(a["wq"]).reshape(D, H * hd).T
-        out[p + "self_attn.k_proj.weight"] = f32(a["wk"]).reshape(D, K * hd).T
-        out[p + "self_attn.v_proj.weight"] = f32(a["wv"]).reshape(D, K * hd).T
-        out[p + "self_attn.o_proj.weight"] = f32(a["wo"]).reshape(H * hd, D).T
-        if model_cfg.qkv_bias:
-            out[p + "self_attn.q_proj.bias"] = f32(a["bq"]).reshape(H * hd)
-            out[p + "self_attn.k_proj.bias"] = f32(a["bk"]).reshape(K * hd)
-            out[p + "self_attn.v_proj.bias"] = f32(a["bv"]).reshape(K * hd)
-        wi = f32(mlp["wi"])  # [D, 2, F]: index 0 gate, 1 up == HF gate_up_proj rows [gate; up]
-        out[p + "mlp.gate_up_proj.weight"] = wi.reshape(D, 2 * wi.shape[-1]).T
-        out[p + "mlp.down_proj.weight"] = f32(mlp["wo"]).T
-        out[p + "input_layernorm.weight"] = f32(layer["attn_norm"]["scale"])
-        out[p + "post_attention_layernorm.weight"] = f32(layer["mlp_norm"]["scale"])
-    if not model_cfg.tie_embeddings:
-        out["lm_head.weight"] = f32(params["lm_head"]).T
-    else:
+    out = {name: make() for name, _, make in hf_tensors(model_cfg, tree_reader(params, model_cfg), check=check)}
+    if model_cfg.tie_embeddings:
         out["lm_head.weight"] = out["model.embed_tokens.weight"]
-    return {k: np.ascontiguousarray(v) for k, v in out.items()}
+    return out

@@ -1,0 +1,124 @@
+"""The decode path with a KV cache: the model's own layers and parameters, attention over a cache.
+
+One jitted function :func:`cached_forward` runs a chunk of tokens (the whole prompt at prefill, one
+token per row afterwards) through every layer: the block's norms and MLP are the model's modules
+(``block.attn_norm``, ``block.mlp``, ...); attention projects q/k/v with the block's weights, rotates
+them with the model's rotary (1D or 2D), writes k/v into the cache at each row's own slots and attends
+over the cache. Key slot ``j`` is visible to a query at slot ``i`` of row ``b`` iff it holds a token
+(``valid[b, j]``) and ``j <= i`` or ``j < prefix[b]`` (the bidirectional Part A) — the GLM mask of
+the training forward (DESIGN.md §3) restricted to one segment per row.
+
+Cache layout: ``k``, ``v`` ``[layers, batch, slots, kv_heads, head_dim]`` in the compute dtype.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from glmjax.model.layers import dense
+from glmjax.model.rope import apply_rope
+
+
+def init_cache(model_cfg, batch: int, slots: int) -> dict:
+    from glmjax.model.layers import dtype_of
+
+    shape = (int(model_cfg.num_layers), batch, slots, int(model_cfg.num_kv_heads), int(model_cfg.head_dim))
+    dt = dtype_of(model_cfg.dtype)
+    return {"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt)}
+
+
+def _write(cache_BSKD, new_BCKD, start_B):
+    return jax.vmap(lambda c, n, s: jax.lax.dynamic_update_slice(c, n.astype(c.dtype), (s, 0, 0)))(
+        cache_BSKD, new_BCKD, start_B)
+
+
+def _cached_attention(attn, x_BCD, pos_BC, bpos_BC, k_cache, v_cache, start_B, valid_BS, prefix_B):
+    cfg, dt = attn.cfg, attn.dtype
+    q = dense(x_BCD, attn.wq[...].astype(dt))
+    k = dense(x_BCD, attn.wk[...].astype(dt))
+    v = dense(x_BCD, attn.wv[...].astype(dt))
+    if cfg.qkv_bias:
+        q, k, v = q + attn.bq[...].astype(dt), k + attn.bk[...].astype(dt), v + attn.bv[...].astype(dt)
+    q = apply_rope(q, pos_BC, bpos_BC, theta=cfg.rope_theta, rope_2d=cfg.rope_2d)
+    k = apply_rope(k, pos_BC, bpos_BC, theta=cfg.rope_theta, rope_2d=cfg.rope_2d)
+    k_cache, v_cache = _write(k_cache, k, start_B), _write(v_cache, v, start_B)
+    B, C, H, D = q.shape
+    K, S = k_cache.shape[2], k_cache.shape[1]
+    q_BCKGD = q.reshape(B, C, K, H // K, D)
+    s = jnp.einsum("bckgd,bskd->bkgcs", q_BCKGD, k_cache, preferred_element_type=jnp.float32) * D ** -0.5
+    qslot_BC = start_B[:, None] + jnp.arange(C)[None, :]
+    kslot = jnp.arange(S)
+    visible_BCS = valid_BS[:, None, :] & ((kslot[None, None, :] <= qslot_BC[:, :, None])
+                                         | (kslot[None, None, :] < prefix_B[:, None, None]))
+    s = jnp.where(visible_BCS[:, None, None], s, -jnp.inf)
+    p = jax.nn.softmax(s, axis=-1)
+    p = jnp.where(visible_BCS[:, None, None], p, 0.0)  # a query seeing nothing (padding) gives 0, not NaN
+    out = jnp.einsum("bkgcs,bskd->bckgd", p.astype(v_cache.dtype), v_cache, preferred_element_type=jnp.float32)
+    out = out.reshape(B, C, H, D).astype(dt)
+    return dense(out, attn.wo[...].astype(dt), 2), k_cache, v_cache
+
+
+def _block(block, x, pos, bpos, k_cache, v_cache, start, valid, prefix):
+    if block.deepnorm:
+        a, k_cache, v_cache = _cached_attention(block.attn, x, pos, bpos, k_cache, v_cache, start, valid, prefix)
+        x = block.attn_norm(block.alpha * x + a)
+        x = block.mlp_norm(block.alpha * x + block.mlp(x))
+    else:
+        a, k_cache, v_cache = _cached_attention(block.attn, block.attn_norm(x), pos, bpos, k_cache, v_cache,
+                                                start, valid, prefix)
+        x = x + a
+        x = x + block.mlp(block.mlp_norm(x))
+    return x, k_cache, v_cache
+
+
+def jitted_steps(model) -> tuple:
+    """``(state, cached_step, full_step)`` of an InferenceModel, built once and kept on it: jitted functions
+    of the split module's state (the graph is closed over, so no per-token graph traversal).
+    ``cached_step(state, cache, *args)`` is :func:`forward_with_cache`; ``full_step(state, feats, take_B)``
+    the training forward's logits at ``take_B``."""
+    steps = getattr(model, "_jitted_steps", None)
+    if steps is None:
+        graphdef, state = nnx.split(model.module)
+
+        def full(state, feats, take_B):
+            logits = nnx.merge(graphdef, state)(feats)
+            return jnp.take_along_axis(logits, take_B[:, None, None], axis=1)[:, 0].astype(jnp.float32)
+
+        steps = (state, jax.jit(lambda st, cache, *a: forward_with_cache(nnx.merge(graphdef, st), cache, *a),
+                                donate_argnums=(1,)), jax.jit(full))
+        model._jitted_steps = steps
+    return steps
+
+
+def forward_with_cache(module, cache, tokens_BC, pos_BC, bpos_BC, start_B, valid_BS, prefix_B, take_B):
+    """Run ``tokens_BC`` (written at slots ``start_B + 0..C-1``) through the model with the cache.
+
+    ``valid_BS`` must already mark the chunk's slots. Returns ``(logits_BV, cache)``: float32 logits
+    of the token at chunk index ``take_B`` of each row, and the updated (donated) cache.
+    """
+    cfg = module.cfg
+    x = jnp.take(module.embed[...], tokens_BC, axis=0).astype(module.dtype)
+    args = (pos_BC, bpos_BC)
+    rest = (start_B, valid_BS, prefix_B)
+    if cfg.scan_layers:
+        graphdef, state = nnx.split(module.layers)
+
+        def body(x, layer):
+            st, kc, vc = layer
+            x, kc, vc = _block(nnx.merge(graphdef, st), x, *args, kc, vc, *rest)
+            return x, (kc, vc)
+
+        x, (ks, vs) = jax.lax.scan(body, x, (state, cache["k"], cache["v"]))
+    else:
+        ks, vs = [], []
+        for i, block in enumerate(module.layers):
+            x, kc, vc = _block(block, x, *args, cache["k"][i], cache["v"][i], *rest)
+            ks.append(kc)
+            vs.append(vc)
+        ks, vs = jnp.stack(ks), jnp.stack(vs)
+    x = jnp.take_along_axis(x, take_B[:, None, None], axis=1)  # [B, 1, D]: only the rows' last tokens
+    x = module.final_norm(x)
+    head = module.embed[...].T if cfg.tie_embeddings else module.lm_head[...]
+    logits = dense(x, head.astype(module.dtype))[:, 0].astype(jnp.float32)
+    return logits, {"k": ks, "v": vs}

@@ -1,0 +1,44 @@
+"""Import a Hugging Face GLM checkpoint into a glmjax workdir (step 0) to continue pretraining it.
+
+    python tools/import_hf.py --model=/models/glm-4-9b-hf --workdir=/tmp/glm4_cont
+    python -m glmjax.train --config=/tmp/glm4_cont/imported_config.py --workdir=/tmp/glm4_cont
+
+--model: a directory with config.json (model_type "glm", i.e. GlmForCausalLM, or a glmjax remote-code
+export) and *.safetensors. The model config is derived from config.json; --config gives the rest of the
+run (data, optimizer, mesh; default: glmjax's defaults) and --config.KEY=VALUE overrides anything.
+The run tokenizes with the model's own tokenizer (data.tokenizer = --model when it has tokenizer.json).
+Writes WORKDIR/checkpoints/0 and WORKDIR/imported_config.py (pass it as --config to resume).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from glmjax.export.cli import add_log_level, quiet, run  # noqa: E402
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="Hugging Face model directory")
+    p.add_argument("--workdir", required=True, help="new glmjax workdir to write")
+    p.add_argument("--config", default=None, help="config file for the non-model settings (optional)")
+    add_log_level(p)
+    args, rest = p.parse_known_args(argv)
+    bad = [r for r in rest if not r.startswith("--config.")]
+    if bad:
+        p.error(f"unrecognised arguments: {' '.join(bad)} (config overrides are --config.KEY=VALUE)")
+    quiet(args.log_level)
+    from glmjax.export.from_hf import import_hf
+
+    r = import_hf(args.model, args.workdir, config_path=args.config, overrides=rest)
+    print(f"imported {args.model} ({r['kind']}) into {r['workdir']} as step 0\n"
+          f"continue pretraining: python -m glmjax.train --config={r['workdir']}/imported_config.py "
+          f"--workdir={r['workdir']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run(main))
