@@ -21,6 +21,7 @@ from glmjax.data.defaults import data_config, objective_config
 
 NORMS = ("deepnorm", "rmsnorm_pre")
 MLPS = ("geglu", "swiglu")
+ROPE_STYLES = ("interleaved", "half")
 ATTENTION_IMPLS = ("xla", "pallas", "cudnn", "auto")
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims")
 SCHEDULES = ("cosine", "linear", "constant")
@@ -45,6 +46,8 @@ def model_config() -> ml_collections.ConfigDict:
     m.mlp = "swiglu"  # geglu | swiglu
     m.rope_2d = False  # 2D rotary: second half of the rotary dims rotates by block positions
     m.rope_theta = 10000.0
+    m.rope_style = "interleaved"  # interleaved (HF glm: pairs x[2i], x[2i+1]) | half (rotate_half: GLM-130B)
+    m.partial_rotary_factor = 0.5  # fraction of head_dim each position stream rotates (2D: <= 0.5)
     m.qkv_bias = True
     m.attention_impl = "xla"  # xla | pallas | cudnn | auto
     m.dtype = "float32"  # compute dtype
@@ -248,7 +251,7 @@ def validate(cfg, num_devices: int | None = None) -> None:
     _require(0 <= o.min_lr_ratio <= 1, f"optimizer.min_lr_ratio={o.min_lr_ratio} must lie in [0, 1]")
     choices = {"model.norm": (m.norm, NORMS), "model.mlp": (m.mlp, MLPS),
                "model.attention_impl": (m.attention_impl, ATTENTION_IMPLS),
-               "model.remat": (m.remat, REMAT_POLICIES), "optimizer.schedule": (o.schedule, SCHEDULES),
+               "model.remat": (m.remat, REMAT_POLICIES), "model.rope_style": (m.rope_style, ROPE_STYLES), "optimizer.schedule": (o.schedule, SCHEDULES),
                "model.dtype": (m.dtype, DTYPES), "model.param_dtype": (m.param_dtype, DTYPES)}
     for key, (value, allowed) in choices.items():
         _require(value in allowed, f"{key}={value!r} is not one of {', '.join(allowed)}: "
@@ -258,6 +261,13 @@ def validate(cfg, num_devices: int | None = None) -> None:
              f"head serves a whole group of query heads; choose num_kv_heads among the divisors of num_heads")
     _require(m.head_dim % 4 == 0,
              f"model.head_dim={m.head_dim} must be divisible by 4: rotary acts on pairs within each half")
+    streams = 2 if m.rope_2d else 1
+    rot = m.head_dim * m.partial_rotary_factor
+    _require(0 < m.partial_rotary_factor <= 1 / streams and rot == int(rot) and int(rot) % 2 == 0,
+             f"model.partial_rotary_factor={m.partial_rotary_factor} with head_dim={m.head_dim} and "
+             f"rope_2d={m.rope_2d}: each of the {streams} position stream(s) rotates head_dim * factor dims, "
+             f"which must be an even whole number and fit ({streams} * factor <= 1); e.g. 0.5 "
+             f"(GLM-4, 2D GLM) or 1.0 (GLM-130B, 1D)")
     _require(0 < m.embedding_grad_shrink <= 1,
              f"model.embedding_grad_shrink={m.embedding_grad_shrink} must lie in (0, 1]: 1 disables it")
     if num_devices is None:

@@ -33,14 +33,18 @@ def attention_ref(q, k, v, mask):
     return out
 
 
-def rope_ref(x, pos, theta):
-    """Rotate interleaved pairs of the last dim of x [B,T,H,R] by pos [B,T] (complex form)."""
+def rope_ref(x, pos, theta, style="interleaved"):
+    """Rotate the last dim of x [B,T,H,R] by pos [B,T] (complex form): pairs (x[2i], x[2i+1]) when
+    ``interleaved``, (x[i], x[i+R/2]) when ``half``."""
     R = x.shape[-1]
     freqs = theta ** (-np.arange(0, R, 2) / R)
-    z = x[..., 0::2] + 1j * x[..., 1::2]
-    z = z * np.exp(1j * pos[:, :, None, None] * freqs)
+    re, im = (x[..., 0::2], x[..., 1::2]) if style == "interleaved" else (x[..., :R // 2], x[..., R // 2:])
+    z = (re + 1j * im) * np.exp(1j * pos[:, :, None, None] * freqs)
     out = np.empty_like(x)
-    out[..., 0::2], out[..., 1::2] = z.real, z.imag
+    if style == "interleaved":
+        out[..., 0::2], out[..., 1::2] = z.real, z.imag
+    else:
+        out[..., :R // 2], out[..., R // 2:] = z.real, z.imag
     return out
 
 
@@ -65,7 +69,8 @@ def forward_ref(params, m, feats):
     mask = mask_loops(feats["segment_ids"], feats["bidirectional"])
     rms = m.norm == "rmsnorm_pre"
     alpha = 1.0 if rms else np.sqrt(2.0 * m.num_layers)
-    r = m.head_dim // 2
+    r = int(round(m.head_dim * m.get("partial_rotary_factor", 0.5)))
+    style = m.get("rope_style", "interleaved")
     x = p["embed"][tokens]
     for layer in range(m.num_layers):
         lp = _layer(p["layers"], layer)
@@ -79,8 +84,10 @@ def forward_ref(params, m, feats):
                 q, k, v = q + a["bq"], k + a["bk"], v + a["bv"]
 
             def rot(t):
-                second = rope_ref(t[..., r:], bpos, m.rope_theta) if m.rope_2d else t[..., r:]
-                return np.concatenate([rope_ref(t[..., :r], pos, m.rope_theta), second], -1)
+                parts = [rope_ref(t[..., :r], pos, m.rope_theta, style)]
+                if m.rope_2d:
+                    parts.append(rope_ref(t[..., r:2 * r], bpos, m.rope_theta, style))
+                return np.concatenate([*parts, t[..., len(parts) * r:]], -1)
 
             o = attention_ref(rot(q), rot(k), v, mask)
             return np.einsum("bthk,hkd->btd", o, a["wo"])

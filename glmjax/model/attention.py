@@ -61,8 +61,10 @@ class Attention(nnx.Module):
         if cfg.qkv_bias:
             q, k, v = q + self.bq[...].astype(dt), k + self.bk[...].astype(dt), v + self.bv[...].astype(dt)
         pos, block_pos = feats["positions"], feats.get("block_positions")
-        q = apply_rope(q, pos, block_pos, theta=cfg.rope_theta, rope_2d=cfg.rope_2d)
-        k = apply_rope(k, pos, block_pos, theta=cfg.rope_theta, rope_2d=cfg.rope_2d)
+        rope = dict(theta=cfg.rope_theta, rope_2d=cfg.rope_2d, style=cfg.rope_style,
+                    partial_rotary_factor=cfg.partial_rotary_factor)
+        q = apply_rope(q, pos, block_pos, **rope)
+        k = apply_rope(k, pos, block_pos, **rope)
         q = constrain(q, ("batch", "length", "heads", "head_dim"))
         k = constrain(k, ("batch", "length", "kv_heads", "head_dim"))
         v = constrain(v, ("batch", "length", "kv_heads", "head_dim"))
