@@ -36,6 +36,8 @@ def check_exportable(model_cfg) -> None:
         problems.append(f"model.mlp={model_cfg.mlp!r} (GlmForCausalLM uses SwiGLU: swiglu)")
     if model_cfg.rope_2d:
         problems.append("model.rope_2d=True (GlmForCausalLM has 1D rotary only)")
+    if model_cfg.get("rope_style", "interleaved") != "interleaved":
+        problems.append(f"model.rope_style={model_cfg.rope_style!r} (GlmForCausalLM rotates interleaved pairs)")
     if problems:
         raise ValueError("model is not GLM-4 style, so it does not map onto GlmForCausalLM: "
                          + "; ".join(problems) + ". Export it with --format=remote (the self-contained PyTorch GLM, "
@@ -52,7 +54,7 @@ def hf_config(model_cfg, *, max_position_embeddings: int = 8192) -> dict:
         max_position_embeddings=int(max_position_embeddings), rms_norm_eps=float(m.norm_eps),
         attention_bias=bool(m.qkv_bias), tie_word_embeddings=bool(m.tie_embeddings),
         rope_parameters={"rope_type": "default", "rope_theta": float(m.rope_theta),
-                         "partial_rotary_factor": 0.5},
+                         "partial_rotary_factor": float(m.get("partial_rotary_factor", 0.5))},
         pad_token_id=None, bos_token_id=None, eos_token_id=None, attention_dropout=0.0,
         initializer_range=float(m.init_std),
     )

@@ -26,7 +26,8 @@ from transformers import PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutput
 
 KNOBS = {"norm": ("deepnorm", "rmsnorm_pre"), "mlp": ("geglu", "swiglu"), "rope_2d": (True, False),
-         "qkv_bias": (True, False), "tie_embeddings": (True, False)}
+         "qkv_bias": (True, False), "tie_embeddings": (True, False), "rope_style": ("interleaved",),
+         "partial_rotary_factor": (0.5,)}
 SHAPES = ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "head_dim", "mlp_dim", "vocab_size",
           "norm_eps", "rope_theta")
 IGNORED = ("attention_impl", "dtype", "param_dtype", "remat", "scan_layers", "embedding_grad_shrink", "init_std")
