@@ -7,6 +7,7 @@ import sys
 from glmjax.aot.compile import COLLECTIVES, compile_report
 from glmjax.aot.search import largest_batch, suggest
 from glmjax.aot.topology import abstract_devices, parse_topology
+from glmjax.config import validate
 
 EXIT_FITS, EXIT_DOES_NOT_FIT = 0, 3
 
@@ -46,10 +47,12 @@ def format_report(r: dict) -> str:
 
 
 def run_check(cfg, topology: str, *, num_slices: int = 1, search: str = "auto", max_compiles: int = 6,
-              find_max_batch: bool = False, eval_step: bool = True, out=sys.stderr) -> dict:
+              find_max_batch: bool = False, eval_step: bool = True, out=None) -> dict:
     """Compile ``cfg`` for ``topology``, print the report to ``out``; the report dict gains
     ``suggestion`` (a fitting config, or None) and ``largest_batch`` (with ``find_max_batch``)."""
+    out = sys.stderr if out is None else out
     topo = parse_topology(topology, num_slices)
+    validate(cfg, topo.chips)  # config / mesh errors before any compile
     devices = abstract_devices(topo)
     print(f"compiling the train{' and eval' if eval_step else ''} step for {topo} "
           f"({topo.chips} chips) ...", file=out, flush=True)

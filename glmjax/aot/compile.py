@@ -103,6 +103,15 @@ def _oom_message(e: Exception) -> str | None:
     return None
 
 
+_UNITS = {None: 1, "": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def _bytes_in(msg: str, pattern: str) -> int | None:
+    """A size XLA printed (HumanReadableNumBytes: 1024-based K/M/G) after ``pattern``."""
+    m = re.search(pattern + r"\s*\(?([0-9.]+)\s*([KMGT]?)i?B?\)?", msg)
+    return int(float(m.group(1)) * _UNITS[m.group(2)]) if m else None
+
+
 def _compile(fn, args, hbm: int) -> StepReport:
     from pallas_kernels import compile_for
 
@@ -115,13 +124,12 @@ def _compile(fn, args, hbm: int) -> StepReport:
         msg = _oom_message(e)
         if msg is None:
             raise
-        used = re.search(r"[Uu]sed ([0-9.]+)([KMGT])? of ([0-9.]+)([KMGT])? hbm", msg)
-        total = -1
-        if used:
-            scale = {None: 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-            total = int(float(used.group(1)) * scale[used.group(2)])
+        # The compiler refuses programs that exceed HBM; it names the temporaries it needed.
+        temp = _bytes_in(msg, r"HLO temporaries") or -1
+        arguments = per_chip_bytes(args)
+        total = arguments + temp if temp >= 0 else -1
         empty = {c: {"count": 0, "bytes": 0} for c in COLLECTIVES}
-        return StepReport(False, -1, -1, -1, -1, total, time.perf_counter() - t0, empty, error=msg)
+        return StepReport(False, arguments, temp, -1, -1, total, time.perf_counter() - t0, empty, error=msg)
     seconds = time.perf_counter() - t0
     ma = compiled.memory_analysis()
     args_b, temp, out, alias = (int(ma.argument_size_in_bytes), int(ma.temp_size_in_bytes),

@@ -20,6 +20,8 @@ import os
 import re
 
 GIB = 1 << 30
+# HBM per chip: v5p as the TPU compiler reports it ("available HBM (95.74G)"), the others their
+# nominal 16 / 32 GiB. The compiler also refuses programs over this; the tool reports either way.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,7 +37,7 @@ class Generation:
 GENERATIONS = {
     "v4": Generation("v4", 32 * GIB, 3, 2, 275e12, (("chip_config_name", "megacore"),)),
     "v5e": Generation("v5e", 16 * GIB, 2, 1, 197e12),
-    "v5p": Generation("v5p", 95 * 10**9, 3, 2, 459e12),
+    "v5p": Generation("v5p", int(95.74 * GIB), 3, 2, 459e12),
     "v6e": Generation("v6e", 32 * GIB, 2, 1, 918e12),
 }
 ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "v6litepod": "v6e", "v6lite": "v6e"}
@@ -137,6 +139,8 @@ def _quiet_libtpu_env() -> None:
     os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5p-8")
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+    # compile-only use: several processes (tests, a background tool run) may load libtpu at once
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
