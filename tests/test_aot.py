@@ -110,7 +110,7 @@ def test_mesh_that_does_not_match_the_slice_fails_before_compiling(capsys):
 
 
 def test_fit_verdict_flips_and_the_suggested_batch_fits(tmp_path, capsys):
-    """v5e (16 GiB): batch 32 x 1024 fits; x8 does not; the tool says so (exit 3) and the suggested
+    """v5e (16 GiB): batch 32 x 1024 fits; x32 does not (the compiler refuses it, fast); the tool says so (exit 3) and the suggested
     smaller batch, compiled again here, fits. Memory numbers checked against the analytic state size."""
     topo, devs = tpu_devices("v5e:2x2")
     ok = compile_report(_small_cfg(32), topo, eval_step=False, devices=devs)
@@ -128,8 +128,8 @@ def test_fit_verdict_flips_and_the_suggested_batch_fits(tmp_path, capsys):
     assert ok["collectives"]["all-gather"]["count"] > 0  # fsdp gathers the weights
 
     out = tmp_path / "r.json"
-    rc = _tool().main(["--config=" + _write_cfg(tmp_path, 256), "--topology=v5e-4", "--search=batch",
-                       "--no_eval", "--max_compiles=3", f"--json={out}"])
+    rc = _tool().main(["--config=" + _write_cfg(tmp_path, 32 * 32), "--topology=v5e-4", "--search=batch",
+                       "--no_eval", "--max_compiles=3", "--fill=0.4", f"--json={out}"])
     err = capsys.readouterr().err
     r = json.loads(out.read_text())
     assert rc == 3 and "DOES NOT FIT" in err and r["fits"] is False
@@ -137,7 +137,7 @@ def test_fit_verdict_flips_and_the_suggested_batch_fits(tmp_path, capsys):
     for key in ("topology", "chips", "fits", "hbm_bytes", "per_chip_bytes", "compile_seconds", "suggestion"):
         assert key in r
     s = r["suggestion"]
-    assert s and s["fits"] and s["overrides"]["batch_size"] < 256
+    assert s and s["fits"] and s["overrides"]["batch_size"] < 32 * 32
     again = compile_report(_small_cfg(s["overrides"]["batch_size"]), topo, eval_step=False, devices=devs)
     assert again["fits"] and again["per_chip_bytes"]["total"] <= again["hbm_bytes"]
 
@@ -166,3 +166,16 @@ def test_loss_chunk_saves_memory_on_tpu():
     chunked = compile_report(cfg, topo, eval_step=False, devices=devs)
     logits_f32 = 32 * 1024 * 32768 * 4 / 4  # one float32 [B, T, V] per chip
     assert plain["per_chip_bytes"]["temp"] - chunked["per_chip_bytes"]["temp"] >= logits_f32
+
+
+def test_training_preflight_refuses_a_config_that_does_not_fit(tmp_path, capsys, monkeypatch):
+    from glmjax.train import cli
+
+    monkeypatch.delenv("TPU_ACCELERATOR_TYPE", raising=False)
+    with pytest.raises(SystemExit, match="preflight error: --preflight needs the TPU slice"):
+        cli.main(["--config=configs/tiny.py", f"--workdir={tmp_path}/w", "--preflight"])
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--config=" + _write_cfg(tmp_path, 32 * 32), f"--workdir={tmp_path}/w", "--preflight",
+                  "--preflight_topology=v5e-4"])
+    assert e.value.code == 3 and "does not fit" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "w")  # refused before the run started

@@ -39,6 +39,8 @@ def parse_args(argv):
     p.add_argument("--search", default="auto", choices=["auto", "batch", "none"],
                    help="when it does not fit: auto (chunked loss, remat, fsdp, then batch), batch (only "
                         "halve the batch), none")
+    p.add_argument("--fill", type=float, default=0.9,
+                   help="--search=batch starts at the batch predicted to use this fraction of HBM (default 0.9)")
     p.add_argument("--max_compiles", type=int, default=6, help="cap on candidate compiles of the search")
     p.add_argument("--find_max_batch", action="store_true", help="when it fits, double batch_size to find the "
                                                                   "largest that fits")
@@ -65,7 +67,7 @@ def main(argv=None) -> int:
         cfg = load_config(args.config, overrides)
         report = run_check(cfg, args.topology, num_slices=args.num_slices, search=args.search,
                            max_compiles=args.max_compiles, find_max_batch=args.find_max_batch,
-                           eval_step=not args.no_eval)
+                           eval_step=not args.no_eval, fill=args.fill)
     except (ConfigError, TopologyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -47,7 +47,7 @@ def format_report(r: dict) -> str:
 
 
 def run_check(cfg, topology: str, *, num_slices: int = 1, search: str = "auto", max_compiles: int = 6,
-              find_max_batch: bool = False, eval_step: bool = True, out=None) -> dict:
+              find_max_batch: bool = False, eval_step: bool = True, fill: float = 0.9, out=None) -> dict:
     """Compile ``cfg`` for ``topology``, print the report to ``out``; the report dict gains
     ``suggestion`` (a fitting config, or None) and ``largest_batch`` (with ``find_max_batch``)."""
     out = sys.stderr if out is None else out
@@ -68,7 +68,7 @@ def run_check(cfg, topology: str, *, num_slices: int = 1, search: str = "auto", 
     if not report["fits"] and search != "none":
         print(f"searching for a config that fits (at most {max_compiles} compiles) ...", file=out, flush=True)
         report["suggestion"] = suggest(cfg, topo, devices, mode=search, max_compiles=max_compiles,
-                                       progress=progress)
+                                       progress=progress, failed=report, fill=fill)
         s = report["suggestion"]
         print(f"suggestion: {s['command_line']} ({_gb(s['per_chip_bytes']['total'])} per chip)" if s else
               "no fitting config found within the search; try a larger slice or more tensor parallelism",

@@ -2,7 +2,8 @@
 
 Order (cheapest change to the run first, cumulative): the vocab-chunked loss (exact, costs ~nothing),
 ``remat=full``, all data parallelism as fsdp; then the per-chip batch halved with those knobs until it
-fits (``mode="batch"`` only halves the batch, keeping every other knob). Each candidate is one real
+fits (``mode="batch"`` only halves the batch, keeping every other knob, and starts at the batch
+that the failed compile's memory, extrapolated linearly, predicts under ``fill`` of HBM). Each candidate is one real
 compile, so the search is capped at ``max_compiles``.
 """
 from __future__ import annotations
@@ -27,7 +28,7 @@ def _loss_chunk(cfg) -> int:
     return 0
 
 
-def candidates(cfg, chips: int, mode: str = "auto"):
+def candidates(cfg, chips: int, mode: str = "auto", start_batch: int | None = None):
     """Override dicts to try, in order."""
     knobs: dict = {}
     if mode == "auto":
@@ -45,15 +46,38 @@ def candidates(cfg, chips: int, mode: str = "auto"):
     data, fsdp, _ = resolve_mesh_shape(c, chips)
     dp = data * fsdp * int(c.optimizer.grad_accum_steps)
     batch = int(c.batch_size) // 2
+    if start_batch is not None:
+        batch = min(batch, start_batch)
     while batch >= dp and batch % dp == 0:
         yield {**knobs, "batch_size": batch}
         batch //= 2
 
 
-def suggest(cfg, topo, devices, *, mode: str = "auto", max_compiles: int = 6, progress=None):
-    """The first candidate that fits: ``{"overrides": {...}, "report": {...}}``, or None."""
+def predicted_batch(report: dict, hbm: int, fill: float, dp: int) -> int | None:
+    """Largest batch (a power-of-two fraction of the failing one, a multiple of ``dp``) whose memory,
+    extrapolated linearly in the batch from ``report``, stays under ``fill * hbm``. Skips candidates
+    that cannot fit (and compiles near the limit, which XLA makes slow by rematerialising)."""
+    b = report["per_chip_bytes"]
+    if b["temp"] is None or b["temp"] <= 0:
+        return None
+    fixed = b["arguments"] - 7 * 4 * report["batch_size"] * report["seq_len"] / report["chips"]
+    per_seq = (b["total"] - fixed) / report["batch_size"]
+    batch = report["batch_size"] // 2
+    while batch >= dp and fixed + per_seq * batch > fill * hbm:
+        batch //= 2
+    return batch if batch >= dp and batch % dp == 0 else None
+
+
+def suggest(cfg, topo, devices, *, mode: str = "auto", max_compiles: int = 6, progress=None,
+            failed: dict | None = None, fill: float = 0.9):
+    """The first candidate that fits: ``{"overrides": {...}, "per_chip_bytes": ...}``, or None.
+    ``failed`` (the report of ``cfg`` itself) lets ``mode="batch"`` start at the predicted batch."""
     tried = 0
-    for overrides in candidates(cfg, topo.chips, mode):
+    start = None
+    if mode == "batch" and failed is not None:
+        data, fsdp, _ = resolve_mesh_shape(cfg, topo.chips)
+        start = predicted_batch(failed, topo.hbm_bytes, fill, data * fsdp * int(cfg.optimizer.grad_accum_steps))
+    for overrides in candidates(cfg, topo.chips, mode, start):
         if tried >= max_compiles:
             break
         tried += 1
