@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax
 
 from pallas_kernels.block_mask import padded_length
 from pallas_kernels.common import target_platform

@@ -7,12 +7,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import math
 import os
-import sys
 
-import jax
-import numpy as np
 import pytest
 
 from aot_helpers import tpu_devices
@@ -110,9 +106,10 @@ def test_mesh_that_does_not_match_the_slice_fails_before_compiling(capsys):
 
 
 def test_fit_verdict_flips_and_the_suggested_batch_fits(tmp_path, capsys):
-    """v5e (16 GiB): batch 32 x 1024 fits; x32 does not (the compiler refuses it, fast); the tool says so (exit 3) and the suggested
-    smaller batch, compiled again here, fits. Memory numbers checked against the analytic state size."""
-    topo, devs = tpu_devices("v5e:2x2")
+    """v5p (95.74 GiB): batch 32 x 1024 fits; x256 does not (the compiler refuses it, fast); the tool
+    says so (exit 3) and the suggested smaller batch, compiled again here, fits. Memory numbers are
+    checked against the analytic state size."""
+    topo, devs = tpu_devices("v5p:2x2x1")
     ok = compile_report(_small_cfg(32), topo, eval_step=False, devices=devs)
     assert ok["fits"] and ok["chips"] == 4 and ok["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
     b = ok["per_chip_bytes"]
@@ -128,8 +125,8 @@ def test_fit_verdict_flips_and_the_suggested_batch_fits(tmp_path, capsys):
     assert ok["collectives"]["all-gather"]["count"] > 0  # fsdp gathers the weights
 
     out = tmp_path / "r.json"
-    rc = _tool().main(["--config=" + _write_cfg(tmp_path, 32 * 32), "--topology=v5e-4", "--search=batch",
-                       "--no_eval", "--max_compiles=3", "--fill=0.4", f"--json={out}"])
+    rc = _tool().main(["--config=" + _write_cfg(tmp_path, 32 * 256), "--topology=v5p-8", "--search=batch",
+                       "--no_eval", "--max_compiles=3", "--fill=0.3", f"--json={out}"])
     err = capsys.readouterr().err
     r = json.loads(out.read_text())
     assert rc == 3 and "DOES NOT FIT" in err and r["fits"] is False
@@ -137,7 +134,7 @@ def test_fit_verdict_flips_and_the_suggested_batch_fits(tmp_path, capsys):
     for key in ("topology", "chips", "fits", "hbm_bytes", "per_chip_bytes", "compile_seconds", "suggestion"):
         assert key in r
     s = r["suggestion"]
-    assert s and s["fits"] and s["overrides"]["batch_size"] < 32 * 32
+    assert s and s["fits"] and s["overrides"]["batch_size"] < 32 * 256
     again = compile_report(_small_cfg(s["overrides"]["batch_size"]), topo, eval_step=False, devices=devs)
     assert again["fits"] and again["per_chip_bytes"]["total"] <= again["hbm_bytes"]
 
@@ -159,10 +156,10 @@ def _write_cfg(tmp_path, batch):
 
 
 def test_loss_chunk_saves_memory_on_tpu():
-    topo, devs = tpu_devices("v5e:2x2")
+    topo, devs = tpu_devices("v5p:2x2x1")
     plain = compile_report(_small_cfg(32), topo, eval_step=False, devices=devs)
     cfg = _small_cfg(32)
-    cfg.model.loss_chunk = 128
+    cfg.model.loss_chunk = 256
     chunked = compile_report(cfg, topo, eval_step=False, devices=devs)
     logits_f32 = 32 * 1024 * 32768 * 4 / 4  # one float32 [B, T, V] per chip
     assert plain["per_chip_bytes"]["temp"] - chunked["per_chip_bytes"]["temp"] >= logits_f32
@@ -175,7 +172,27 @@ def test_training_preflight_refuses_a_config_that_does_not_fit(tmp_path, capsys,
     with pytest.raises(SystemExit, match="preflight error: --preflight needs the TPU slice"):
         cli.main(["--config=configs/tiny.py", f"--workdir={tmp_path}/w", "--preflight"])
     with pytest.raises(SystemExit) as e:
-        cli.main(["--config=" + _write_cfg(tmp_path, 32 * 32), f"--workdir={tmp_path}/w", "--preflight",
-                  "--preflight_topology=v5e-4"])
+        cli.main(["--config=" + _write_cfg(tmp_path, 32 * 256), f"--workdir={tmp_path}/w", "--preflight",
+                  "--preflight_topology=v5p-8"])
     assert e.value.code == 3 and "does not fit" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "w")  # refused before the run started
+
+
+def test_pallas_attention_train_step_compiles_for_v5p():
+    """The model's attention_impl=pallas train step: Mosaic kernels inside the sharded step."""
+    from pallas_kernels import compile_for
+
+    from glmjax.aot.compile import abstract_batch, mesh_for
+    from glmjax.train.state import model_spec
+    from glmjax.train.step import make_train_step
+
+    topo, devs = tpu_devices("v5p:2x2x1")
+    cfg = _small_cfg(8, seq=256, vocab=2048)
+    cfg.model.attention_impl = "pallas"
+    cfg.mesh.fsdp, cfg.mesh.tensor = 2, 2
+    mesh = mesh_for(cfg, topo, devs)
+    spec = model_spec(cfg, mesh)
+    with compile_for("tpu"):
+        lowered = make_train_step(cfg, spec, mesh).lower(spec.abstract_state, abstract_batch(cfg, mesh))
+    text = lowered.compile().as_text()
+    assert text.count("tpu_custom_call") >= 3  # forward, dq, dk/dv kernels
