@@ -57,6 +57,7 @@ def model_config() -> ml_collections.ConfigDict:
     m.embedding_grad_shrink = 1.0  # GLM-130B: 0.1 (the embedding gradient is scaled by this)
     m.tie_embeddings = False
     m.init_std = 0.02
+    m.loss_chunk = 0  # > 0: cross-entropy over this many positions at a time (no [B, T, vocab] logits)
     return m
 
 
@@ -268,6 +269,9 @@ def validate(cfg, num_devices: int | None = None) -> None:
              f"rope_2d={m.rope_2d}: each of the {streams} position stream(s) rotates head_dim * factor dims, "
              f"which must be an even whole number and fit ({streams} * factor <= 1); e.g. 0.5 "
              f"(GLM-4, 2D GLM) or 1.0 (GLM-130B, 1D)")
+    _require(m.loss_chunk >= 0 and (m.loss_chunk == 0 or cfg.seq_len % m.loss_chunk == 0),
+             f"model.loss_chunk={m.loss_chunk} must be 0 (off) or a positive divisor of seq_len={cfg.seq_len}: "
+             f"the loss runs over seq_len/loss_chunk equal chunks; e.g. --config.model.loss_chunk=512")
     _require(0 < m.embedding_grad_shrink <= 1,
              f"model.embedding_grad_shrink={m.embedding_grad_shrink} must lie in (0, 1]: 1 disables it")
     if num_devices is None:

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax
 
 from pallas_kernels.block_mask import padded_length
+from pallas_kernels.common import target_platform
 from pallas_kernels.cudnn import attention_cudnn
 from pallas_kernels.flash import KernelConfig, flash
 from pallas_kernels.reference import attention_xla
@@ -70,7 +70,7 @@ def resolve_implementation(implementation: str) -> str:
                          f"{IMPLEMENTATIONS}")
     if implementation != "auto":
         return implementation
-    platform = jax.default_backend()
+    platform = target_platform()
     if platform == "tpu":
         return "pallas_tpu"
     if platform in ("gpu", "cuda", "rocm"):
@@ -122,13 +122,13 @@ def flash_attention(q, k, v, segment_ids=None, bidirectional=None, *, causal=Tru
     if impl == "xla":
         return attention_xla(q, k, v, segment_ids, bidirectional, causal=causal)
     if impl in ("cudnn", "cudnn_dense"):
-        if jax.default_backend() not in ("gpu", "cuda"):
+        if target_platform() not in ("gpu", "cuda"):
             raise ValueError(f"implementation={impl!r} needs an NVIDIA GPU, but the default "
-                             f"backend is {jax.default_backend()!r}; use 'xla' or a Pallas "
+                             f"backend is {target_platform()!r}; use 'xla' or a Pallas "
                              "implementation with interpret=True")
         return attention_cudnn(q, k, v, segment_ids, bidirectional, causal=causal,
                                dense_mask=impl == "cudnn_dense")
-    platform = jax.default_backend()
+    platform = target_platform()
     wanted = "tpu" if impl == "pallas_tpu" else "gpu"
     if not interpret and platform != wanted:
         raise ValueError(f"implementation={impl!r} compiles for {wanted.upper()}, but the default "

@@ -1,6 +1,10 @@
 """Pieces shared by the TPU and GPU kernel bodies: constants, the element mask, the matmul."""
 from __future__ import annotations
 
+import contextlib
+import threading
+
+import jax
 import jax.numpy as jnp
 from jax import lax
 
@@ -37,3 +41,25 @@ def element_mask(seg_q, seg_k, bid_k, q_pos, k_pos, causal):
     if causal:
         m = m & ((k_pos <= q_pos) | (bid_k != 0))
     return m
+
+
+_TARGET = threading.local()
+
+
+def target_platform() -> str:
+    """The platform programs are being built for: ``jax.default_backend()``, unless inside
+    :func:`compile_for` (ahead-of-time compilation for TPU from a CPU host)."""
+    return getattr(_TARGET, "platform", None) or jax.default_backend()
+
+
+@contextlib.contextmanager
+def compile_for(platform: str):
+    """Trace code for ``platform`` (e.g. ``"tpu"``) although the host's backend differs: kernels
+    dispatch as on that platform (no interpret mode). For ``jit(...).lower(...)`` against abstract
+    TPU devices (``jax.experimental.topologies``)."""
+    prev = getattr(_TARGET, "platform", None)
+    _TARGET.platform = platform
+    try:
+        yield
+    finally:
+        _TARGET.platform = prev

@@ -1,7 +1,6 @@
 """Self-attention of the GLM block and the dispatch to the attention kernels (``model.attention_impl``)."""
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -19,7 +18,7 @@ def attend(q_BTHD, k_BSKD, v_BSKD, segment_ids_BT, bidirectional_BT, *, impl: st
     GLM mask as a dense bias (cuDNN cannot express it natively). ``auto``: by platform (CPU -> xla).
     Kernels run under ``shard_map`` over the mesh's batch ('data', 'fsdp') and head ('tensor') axes.
     """
-    platform = jax.default_backend()
+    platform = pallas_kernels.target_platform()
     interpret = False
     if impl == "pallas":
         kernel = {"tpu": "pallas_tpu", "gpu": "pallas_gpu"}.get(platform, "pallas_tpu")

@@ -69,6 +69,16 @@ class GLM(nnx.Module):
                                  std=cfg.init_std, dtype=pd)
 
     def __call__(self, feats: dict, mesh=None) -> jax.Array:
+        logits = dense(self.hidden(feats, mesh), self.head())
+        return constrain(logits, ("batch", "length", "vocab"))
+
+    def head(self) -> jax.Array:
+        """The output projection ``[embed, vocab]`` in the compute dtype (tied: the embedding^T)."""
+        head = self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
+        return head.astype(self.dtype)
+
+    def hidden(self, feats: dict, mesh=None) -> jax.Array:
+        """The final-normalised hidden states ``[B, T, embed]`` (logits = ``hidden @ head()``)."""
         cfg = self.cfg
         # gather from a table sharded over vocab only: the lookup is local + one all-reduce
         table = constrain(self.embed[...], ("vocab", None))
@@ -92,10 +102,7 @@ class GLM(nnx.Module):
         else:
             for block in self.layers:
                 x = run(block, x)
-        x = self.final_norm(x)
-        head = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]
-        logits = dense(x, head.astype(self.dtype))
-        return constrain(logits, ("batch", "length", "vocab"))
+        return self.final_norm(x)
 
 
 def param_axes(state) -> dict:

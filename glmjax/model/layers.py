@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from glmjax.sharding import constrain
+from pallas_kernels import target_platform
 
 
 def dtype_of(name: str):
@@ -59,7 +60,7 @@ def dense(x, w, n: int = 1):
     ``"bthk,hkd->btd"`` with ``n=2``, ...): every weight matmul of the model. On CPU with a hand-written
     backward (see ``_dense_cpu_bwd``) that makes the tiny CPU train step ~15% faster. Same values and
     gradients."""
-    if jax.default_backend() == "cpu":
+    if target_platform() == "cpu":
         return _dense_cpu(x, w, n)
     return jnp.tensordot(x, w, axes=n)
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 USAGE = """python -m glmjax.train --config=configs/tiny.py --workdir=DIR [--config.KEY=VALUE ...]
@@ -26,6 +27,12 @@ def parse_args(argv):
     p.add_argument("--coordinator_address", default=None, help="HOST:PORT of process 0 (explicit multi-host)")
     p.add_argument("--num_processes", type=int, default=None, help="number of processes (explicit multi-host)")
     p.add_argument("--process_id", type=int, default=None, help="this process's index (explicit multi-host)")
+    p.add_argument("--preflight", action="store_true",
+                   help="first compile the train step for the TPU slice and refuse (exit 3) a config that "
+                        "does not fit in HBM; the slice is --preflight_topology or this TPU VM's "
+                        "TPU_ACCELERATOR_TYPE (see docs/tpu_aot.md)")
+    p.add_argument("--preflight_topology", default=None,
+                   help="slice for --preflight, e.g. v5p-128 (default: $TPU_ACCELERATOR_TYPE)")
     args, rest = p.parse_known_args(argv)
     bad = [a for a in rest if not a.startswith("--config.")]
     if bad:
@@ -43,16 +50,21 @@ def main(argv=None) -> None:
         sys.exit(f"error: {e}")
     from glmjax import distributed
     from glmjax.checkpoint import CheckpointError
+    from glmjax.aot.topology import TopologyError
     from glmjax.config import ConfigError, load_config
     from glmjax.train.loop import train
 
     try:
         cfg = load_config(args.config, overrides)  # fails fast, before devices are touched
+        if args.preflight:
+            _preflight(cfg, args.preflight_topology)
         distributed.initialize(args.coordinator_address, args.num_processes, args.process_id,
                                auto=args.multihost)
         result = train(cfg, args.workdir, restart=args.restart == "true")
     except ConfigError as e:
         sys.exit(f"config error: {e}")
+    except TopologyError as e:
+        sys.exit(f"preflight error: {e}")
     except (CheckpointError, FileNotFoundError, ValueError) as e:  # bad data paths, unreadable checkpoints
         logging.getLogger("glmjax.train").debug("traceback", exc_info=True)
         sys.exit(f"error: {e}\n(run with --log_level=DEBUG for the traceback)")
@@ -68,3 +80,21 @@ def summary_line(result: dict) -> str:
         if result.get(key) is not None:
             parts.append(f"{label} {fmt.format(result[key])}")
     return ", ".join(parts)
+
+
+def _preflight(cfg, topology) -> None:
+    """Compile for the slice (abstract TPU devices, the real compiler) and exit 3 if it does not fit."""
+    from glmjax.aot.check import EXIT_DOES_NOT_FIT, run_check
+    from glmjax.aot.topology import TopologyError
+
+    topology = topology or os.environ.get("TPU_ACCELERATOR_TYPE")
+    if not topology:
+        raise TopologyError("--preflight needs the TPU slice: pass --preflight_topology=v5p-128 (or run on a "
+                            "Cloud TPU VM, where TPU_ACCELERATOR_TYPE names it)")
+    report = run_check(cfg, topology, search="none", eval_step=False)  # the eval step needs less
+    if not report["fits"]:
+        sys.stderr.write(f"preflight: this config does not fit {report['topology']}; not starting. Run "
+                         f"`python tools/aot_compile.py --config=... --topology={topology}` for a suggestion.\n")
+        sys.exit(EXIT_DOES_NOT_FIT)
+    logging.getLogger("glmjax.train").info("preflight: fits %s with %.2f GB per chip to spare",
+                                           report["topology"], report["margin_bytes"] / 1e9)

@@ -12,6 +12,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from glmjax.sharding import activation_mesh, batch_sharding, replicated
+from glmjax.train.loss import chunked_cross_entropy_sums
 from glmjax.train.optimizer import learning_rate_schedule
 from glmjax.train.state import ModelSpec, TrainState
 
@@ -29,6 +30,10 @@ def cross_entropy_sums(logits_BTV, targets_BT, weights_BT):
 
 def loss_sums(params, batch, graphdef, mesh):
     model = nnx.merge(graphdef, params)
+    chunk = int(getattr(model.cfg, "loss_chunk", 0) or 0)
+    if chunk:  # model.loss_chunk: never materialise [B, T, vocab] (glmjax/train/loss.py)
+        return chunked_cross_entropy_sums(model.hidden(batch, mesh), model.head(), batch["targets"],
+                                          batch["loss_weights"], chunk)
     logits = model(batch, mesh)
     return cross_entropy_sums(logits, batch["targets"], batch["loss_weights"])
 
