@@ -17,7 +17,7 @@ import time
 import jax
 from tqdm import tqdm
 
-from glmjax.checkpoint import Checkpointer, check_compatible
+from glmjax.checkpoint import Checkpointer, check_compatible, init_workdir_from
 from glmjax.config import validate
 from glmjax.scaling.flops import flops_per_token
 from glmjax.sharding import batch_sharding, make_mesh
@@ -60,6 +60,8 @@ def train(cfg, workdir: str, *, restart: bool = True, pipelines=None) -> dict:
     validate(cfg, jax.device_count())
     if "://" not in workdir:  # orbax/tensorstore need absolute local paths; gs:// etc. pass through
         workdir = os.path.abspath(workdir)
+    if restart and cfg.checkpoint.get("init_from", ""):  # a fork: begin from a step of another workdir
+        init_workdir_from(workdir, cfg.checkpoint.init_from, cfg.checkpoint.get("init_step", -1))
     if restart:
         check_compatible(workdir, cfg)  # a different model on this workdir fails now, not after data set-up
     mesh = make_mesh(cfg)
