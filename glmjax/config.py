@@ -24,7 +24,8 @@ MLPS = ("geglu", "swiglu")
 ROPE_STYLES = ("interleaved", "half")
 ATTENTION_IMPLS = ("xla", "pallas", "cudnn", "auto")
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims")
-SCHEDULES = ("cosine", "linear", "constant")
+SCHEDULES = ("cosine", "linear", "constant", "wsd")
+COOLDOWN_SHAPES = ("linear", "1-sqrt")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -65,8 +66,10 @@ def optimizer_config() -> ml_collections.ConfigDict:
     o = ml_collections.ConfigDict()
     o.lr = 3e-4  # peak learning rate
     o.warmup_steps = 100
-    o.schedule = "cosine"  # cosine | linear | constant (after warmup)
-    o.min_lr_ratio = 0.1  # final lr = lr * min_lr_ratio for cosine / linear
+    o.schedule = "cosine"  # cosine | linear | constant | wsd (after warmup)
+    o.min_lr_ratio = 0.1  # final lr = lr * min_lr_ratio for cosine / linear / wsd
+    o.cooldown_fraction = 0.2  # wsd: share of the steps spent cooling down (the last ones)
+    o.cooldown_shape = "1-sqrt"  # wsd: linear | 1-sqrt (Hagele et al. 2024)
     o.weight_decay = 0.1  # decoupled (AdamW); applied to matrices only, not to norms and biases
     o.b1 = 0.9
     o.b2 = 0.95
@@ -90,6 +93,8 @@ def checkpoint_config() -> ml_collections.ConfigDict:
     c.keep = 3  # latest checkpoints kept (the best by eval loss is kept as well)
     c.async_save = True  # write in the background; the loop waits only for the device-to-host copy
     c.verify = True  # fingerprint every state leaf at save, check on restore (detects corrupted files)
+    c.init_from = ""  # another run's workdir: a run with no checkpoint yet starts from its step init_step (forks)
+    c.init_step = -1  # the step of init_from to start from; -1 = its newest
     return c
 
 
@@ -250,9 +255,13 @@ def validate(cfg, num_devices: int | None = None) -> None:
     _require(o.grad_clip >= 0 and o.weight_decay >= 0,
              "optimizer.grad_clip and optimizer.weight_decay must be >= 0 (0 disables them)")
     _require(0 <= o.min_lr_ratio <= 1, f"optimizer.min_lr_ratio={o.min_lr_ratio} must lie in [0, 1]")
+    _require(0 <= o.cooldown_fraction <= 1, f"optimizer.cooldown_fraction={o.cooldown_fraction} must lie in "
+                                            f"[0, 1]: it is the share of the steps spent cooling down (wsd)")
     choices = {"model.norm": (m.norm, NORMS), "model.mlp": (m.mlp, MLPS),
                "model.attention_impl": (m.attention_impl, ATTENTION_IMPLS),
-               "model.remat": (m.remat, REMAT_POLICIES), "model.rope_style": (m.rope_style, ROPE_STYLES), "optimizer.schedule": (o.schedule, SCHEDULES),
+               "model.remat": (m.remat, REMAT_POLICIES), "model.rope_style": (m.rope_style, ROPE_STYLES),
+               "optimizer.schedule": (o.schedule, SCHEDULES),
+               "optimizer.cooldown_shape": (o.cooldown_shape, COOLDOWN_SHAPES),
                "model.dtype": (m.dtype, DTYPES), "model.param_dtype": (m.param_dtype, DTYPES)}
     for key, (value, allowed) in choices.items():
         _require(value in allowed, f"{key}={value!r} is not one of {', '.join(allowed)}: "

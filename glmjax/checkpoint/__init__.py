@@ -22,14 +22,17 @@ never listed as a step and is deleted when the next run starts. A committed step
 warns naming the step and what is wrong, moves it to ``WORKDIR/checkpoints_damaged/`` and uses the
 previous one.
 
+Forks: ``checkpoint.init_from`` starts a new workdir from a step of another (see fork.py).
+
 Retention: the latest ``checkpoint.keep`` steps plus the one with the lowest eval loss.
 
 See docs/checkpoints.md for resuming, preemption and restoring into another mesh.
 """
+from glmjax.checkpoint.fork import init_workdir_from
 from glmjax.checkpoint.integrity import fingerprints
 from glmjax.checkpoint.manager import DAMAGED_DIR, FINGERPRINT_DIR, CheckpointError, Checkpointer
 from glmjax.checkpoint.run_files import (CHECKPOINT_DIR, ConfigMismatchError, check_compatible, config_to_dict,
                                          saved_config)
 
 __all__ = ["CHECKPOINT_DIR", "DAMAGED_DIR", "FINGERPRINT_DIR", "CheckpointError", "Checkpointer", "ConfigMismatchError",
-           "check_compatible", "config_to_dict", "fingerprints", "saved_config"]
+           "check_compatible", "config_to_dict", "fingerprints", "init_workdir_from", "saved_config"]

@@ -17,7 +17,7 @@ import time
 import jax
 from tqdm import tqdm
 
-from glmjax.checkpoint import Checkpointer, check_compatible
+from glmjax.checkpoint import Checkpointer, check_compatible, init_workdir_from
 from glmjax.config import validate
 from glmjax.scaling.flops import flops_per_token
 from glmjax.sharding import batch_sharding, make_mesh
@@ -82,6 +82,8 @@ def train(cfg, workdir: str, *, restart: bool = True, pipelines=None) -> dict:
             raise ValueError(f"--workdir={workdir} is an existing file, not a directory: the run writes "
                              "metrics.jsonl, tensorboard/ and checkpoints/ into it; pass a directory path "
                              "(it is created if missing)")
+    if restart and cfg.checkpoint.get("init_from", ""):  # a fork: begin from a step of another workdir
+        init_workdir_from(workdir, cfg.checkpoint.init_from, cfg.checkpoint.get("init_step", -1))
     if restart:
         check_compatible(workdir, cfg)  # a different model on this workdir fails now, not after data set-up
     mesh = make_mesh(cfg)

@@ -1,4 +1,10 @@
-"""AdamW with warmup + cosine / linear / constant decay and global-norm clipping (``cfg.optimizer``)."""
+"""AdamW with warmup + cosine / linear / constant / wsd decay and global-norm clipping (``cfg.optimizer``).
+
+``wsd`` (warmup-stable-decay): warmup, the peak learning rate held constant, then a cooldown over the
+last ``round(cooldown_fraction * steps)`` steps down to ``lr * min_lr_ratio``, shaped ``linear`` or
+``1-sqrt`` (``cooldown_shape``). Before its cooldown a wsd run has exactly the learning rates of a
+``constant`` run, so cooldowns forked from one constant run equal straight wsd runs (docs/scaling.md).
+"""
 from __future__ import annotations
 
 import jax
@@ -20,11 +26,21 @@ def learning_rate_schedule(cfg):
             decayed = floor + (peak - floor) * 0.5 * (1.0 + jnp.cos(jnp.pi * frac))
         elif o.schedule == "linear":
             decayed = peak + (floor - peak) * frac
+        elif o.schedule == "wsd":
+            cool = cooldown_start(cfg)
+            x = jnp.clip((step - cool) / max(total - cool, 1), 0.0, 1.0)
+            shape = x if o.cooldown_shape == "linear" else 1.0 - jnp.sqrt(1.0 - x)
+            decayed = jnp.where(step < cool, peak, peak + (floor - peak) * shape)
         else:
             decayed = jnp.asarray(peak, jnp.float32)
         return jnp.where(step < warmup, warm, decayed)
 
     return schedule
+
+
+def cooldown_start(cfg) -> int:
+    """First step of a wsd run's cooldown: ``steps - round(cooldown_fraction * steps)``."""
+    return int(cfg.steps) - int(round(float(cfg.optimizer.cooldown_fraction) * int(cfg.steps)))
 
 
 def make_optimizer(cfg) -> optax.GradientTransformation:
