@@ -25,6 +25,13 @@ def parse_args(argv):
     p.add_argument("--coordinator_address", default=None, help="HOST:PORT of process 0 (explicit multi-host)")
     p.add_argument("--num_processes", type=int, default=None, help="number of processes (explicit multi-host)")
     p.add_argument("--process_id", type=int, default=None, help="this process's index (explicit multi-host)")
+    p.add_argument("--distributed_timeout", type=float, default=300,
+                   help="seconds to wait for every process to join jax.distributed (default 300, JAX's default); "
+                        "then exit with a message naming the coordinator address. Raise it for large pods")
+    p.add_argument("--preempted_exit_code", type=int, default=0,
+                   help="exit status when the run stopped before config.steps because of SIGTERM / a preemption "
+                        "notice (its checkpoint is saved). Default 0; the launchers in launch/ pass 75 so that "
+                        "they (or Slurm) restart the job")
     args, rest = p.parse_known_args(argv)
     bad = [a for a in rest if not a.startswith("--config.")]
     if bad:
@@ -46,7 +53,7 @@ def main(argv=None) -> None:
     try:
         cfg = load_config(args.config, overrides)  # fails fast, before devices are touched
         distributed.initialize(args.coordinator_address, args.num_processes, args.process_id,
-                               auto=args.multihost)
+                               auto=args.multihost, timeout_s=args.distributed_timeout)
         result = train(cfg, args.workdir, restart=args.restart == "true")
     except ConfigError as e:
         sys.exit(f"config error: {e}")
@@ -55,3 +62,12 @@ def main(argv=None) -> None:
         sys.exit(f"error: {e}\n(run with --log_level=DEBUG for the traceback)")
     final = {k: v for k, v in result.items() if k != "state"}
     logging.getLogger("glmjax.train").info("done: %s", final)
+    if args.preempted_exit_code and _stopped_early(result, cfg):
+        sys.exit(args.preempted_exit_code)
+
+
+def _stopped_early(result, cfg) -> bool:
+    """True when the loop left before ``cfg.steps`` (preemption): the job must be resumed."""
+    import jax
+
+    return int(jax.device_get(result["state"].step)) < int(cfg.steps)
