@@ -145,7 +145,8 @@ def test_sbatch_script_trains_on_two_processes_is_preempted_requeued_and_resumes
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
 
     def task_logs(tail=3000):
-        return "\n".join((logs / f"task{i}.log").read_text(errors="replace")[-tail:] for i in range(2))
+        texts = [(logs / f"task{i}.log").read_text(errors="replace") for i in range(2)]
+        return "\n".join(t[-tail:] if tail else t for t in texts)
 
     # 1. the job starts; once training is under way, both tasks get SIGTERM (preemption)
     job = subprocess.Popen(["bash", str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
