@@ -33,6 +33,13 @@ def parse_args(argv):
                         "TPU_ACCELERATOR_TYPE (see docs/tpu_aot.md)")
     p.add_argument("--preflight_topology", default=None,
                    help="slice for --preflight, e.g. v5p-128 (default: $TPU_ACCELERATOR_TYPE)")
+    p.add_argument("--distributed_timeout", type=float, default=300,
+                   help="seconds to wait for every process to join jax.distributed (default 300, JAX's default); "
+                        "then exit with a message naming the coordinator address. Raise it for large pods")
+    p.add_argument("--preempted_exit_code", type=int, default=0,
+                   help="exit status when the run stopped before config.steps because of SIGTERM / a preemption "
+                        "notice (its checkpoint is saved). Default 0; the launchers in launch/ pass 75 so that "
+                        "they (or Slurm) restart the job")
     args, rest = p.parse_known_args(argv)
     bad = [a for a in rest if not a.startswith("--config.")]
     if bad:
@@ -59,7 +66,7 @@ def main(argv=None) -> None:
         if args.preflight:
             _preflight(cfg, args.preflight_topology)
         distributed.initialize(args.coordinator_address, args.num_processes, args.process_id,
-                               auto=args.multihost)
+                               auto=args.multihost, timeout_s=args.distributed_timeout)
         result = train(cfg, args.workdir, restart=args.restart == "true")
     except ConfigError as e:
         sys.exit(f"config error: {e}")
@@ -70,6 +77,8 @@ def main(argv=None) -> None:
         sys.exit(f"error: {e}\n(run with --log_level=DEBUG for the traceback)")
     if not result.get("already_done"):
         logging.getLogger("glmjax.train").info(summary_line(result))
+    if args.preempted_exit_code and _stopped_early(result, cfg):
+        sys.exit(args.preempted_exit_code)
 
 
 def summary_line(result: dict) -> str:
@@ -98,3 +107,8 @@ def _preflight(cfg, topology) -> None:
         sys.exit(EXIT_DOES_NOT_FIT)
     logging.getLogger("glmjax.train").info("preflight: fits %s with %.2f GB per chip to spare",
                                            report["topology"], report["margin_bytes"] / 1e9)
+
+
+def _stopped_early(result, cfg) -> bool:
+    """True when the loop left before ``cfg.steps`` (preemption): the job must be resumed."""
+    return int(result["step"]) < int(cfg.steps)
