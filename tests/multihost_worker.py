@@ -4,7 +4,6 @@ import json
 import sys
 
 import jax
-import numpy as np
 
 
 def main(coordinator, num_processes, process_id, out_path, steps):

@@ -21,7 +21,7 @@ import time
 
 from glmjax.export import hf_mapping
 from glmjax.export.reader import CheckpointReader
-from glmjax.export.safetensors_stream import DTYPES, parse_size, write_shards
+from glmjax.export.safetensors_stream import parse_size, write_shards
 
 log = logging.getLogger("glmjax.export")
 FORMATS = ("auto", "hf", "remote")

@@ -17,7 +17,6 @@ them below; ``IGNORED`` lists knobs that do not change the forward pass.
 """
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F

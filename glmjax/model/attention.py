@@ -1,7 +1,6 @@
 """Self-attention of the GLM block and the dispatch to the attention kernels (``model.attention_impl``)."""
 from __future__ import annotations
 
-import jax.numpy as jnp
 from flax import nnx
 
 import pallas_kernels
