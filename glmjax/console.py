@@ -79,6 +79,10 @@ def filter_native_stderr() -> bool:
     if _state.get("proc") is not None:
         return True
     try:
+        # Only for a command's own console: when stderr was redirected in-process (pytest's capture, a
+        # caller's StringIO), fd 2 is not the user's terminal and is left alone.
+        if sys.stderr is not sys.__stderr__ or sys.stderr.fileno() != 2:
+            return False
         sys.stderr.flush()
         original = os.dup(2)
     except (OSError, ValueError, AttributeError):

@@ -89,3 +89,16 @@ def test_bad_log_level():
 
     with pytest.raises(ValueError, match="DEBUG, INFO"):
         setup_logging("LOUD")
+
+
+def test_in_process_callers_keep_their_stderr(capsys):
+    """Called from a test or a notebook (stderr already redirected), nothing is swapped."""
+    import sys as _sys
+
+    from glmjax.console import filter_native_stderr
+
+    before = _sys.stderr
+    assert filter_native_stderr() is False
+    assert _sys.stderr is before
+    print("still captured", file=_sys.stderr)
+    assert "still captured" in capsys.readouterr().err
