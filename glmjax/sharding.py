@@ -40,17 +40,55 @@ _ACTIVATION_MESH: list[Mesh] = []
 log = logging.getLogger(__name__)
 
 
+def _has_topology(devices) -> bool:
+    """True when the devices report physical coordinates (TPU): the mesh must then follow the torus."""
+    return all(getattr(d, "coords", None) is not None for d in devices)
+
+
 def make_mesh(cfg, devices=None) -> Mesh:
-    """The ``(data, fsdp, tensor)`` mesh of the config over ``devices`` (default: all devices)."""
+    """The ``(data, fsdp, tensor)`` mesh of the config over ``devices`` (default: all devices).
+
+    Devices with physical coordinates (TPU) are laid out by ``mesh_utils.create_device_mesh`` so that
+    each axis follows the torus; a shape that cannot is a ``ConfigError`` naming shapes that can, never
+    a silent fallback. Devices without coordinates (CPU, fake test devices; GPU where JAX reports
+    none) have no topology to follow: they are taken in ``jax.devices()`` order, process by process,
+    so each host's devices are adjacent along the mesh.
+    """
+    from glmjax.config import ConfigError
+
     devices = jax.devices() if devices is None else devices
     shape = resolve_mesh_shape(cfg, len(devices))
-    try:
-        from jax.experimental import mesh_utils
+    if not _has_topology(devices):
+        ordered = sorted(devices, key=lambda d: (d.process_index, d.id))
+        return Mesh(np.asarray(ordered).reshape(shape), MESH_AXES)
+    from jax.experimental import mesh_utils
 
+    try:
         grid = mesh_utils.create_device_mesh(shape, devices=devices)
-    except Exception:  # irregular device sets (tests, odd slices): plain row-major order
-        grid = np.asarray(devices).reshape(shape)
+    except (ValueError, NotImplementedError, AssertionError) as e:
+        good = [s for s in _candidate_shapes(len(devices), shape)
+                if _fits_topology(mesh_utils, s, devices)][:3]
+        raise ConfigError(
+            f"mesh (data, fsdp, tensor)={shape} cannot follow the device topology of these {len(devices)} "
+            f"{devices[0].platform.upper()} devices ({e}). Fix: use a mesh that can, e.g. "
+            + (", ".join(f"--config.mesh.data={d} --config.mesh.fsdp={f} --config.mesh.tensor={t}"
+                         for d, f, t in good) or "one axis of the whole slice")) from None
     return Mesh(grid, MESH_AXES)
+
+
+def _candidate_shapes(n: int, wanted):
+    """(data, fsdp, tensor) shapes over ``n`` devices, closest to ``wanted`` first (same tensor, then fsdp)."""
+    divs = [d for d in range(1, n + 1) if n % d == 0]
+    shapes = [(n // (f * t), f, t) for t in divs for f in divs if n % (f * t) == 0]
+    return sorted(shapes, key=lambda s: (s[2] != wanted[2], abs(np.log2(s[1]) - np.log2(wanted[1])), s))
+
+
+def _fits_topology(mesh_utils, shape, devices) -> bool:
+    try:
+        mesh_utils.create_device_mesh(shape, devices=devices)
+        return True
+    except (ValueError, NotImplementedError, AssertionError):
+        return False
 
 
 def spec_for(axes, shape, mesh: Mesh, rules=None) -> P:
