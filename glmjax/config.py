@@ -54,7 +54,38 @@ def model_config() -> ml_collections.ConfigDict:
     m.embedding_grad_shrink = 1.0  # GLM-130B: 0.1 (the embedding gradient is scaled by this)
     m.tie_embeddings = False
     m.init_std = 0.02
+    m.qk_norm = False  # RMSNorm on q and k per head, before rotary (GLM-4.5: use_qk_norm)
+    m.moe = moe_config()
     return m
+
+
+MOE_IMPLS = ("ragged", "dense")
+
+
+def moe_config() -> ml_collections.ConfigDict:
+    """Mixture of Experts (GLM-4.5 / transformers ``glm4_moe``); ``num_experts=0`` keeps the model dense."""
+    e = ml_collections.ConfigDict()
+    e.num_experts = 0  # routed experts per MoE layer (n_routed_experts); 0 = dense model
+    e.experts_per_token = 2  # top-k (num_experts_per_tok)
+    e.expert_mlp_dim = 256  # width of each gate / up half of one expert (moe_intermediate_size)
+    e.num_shared_experts = 1  # always-on experts, one SwiGLU of width expert_mlp_dim * this (n_shared_experts)
+    e.first_dense_layers = 1  # the first layers keep the dense MLP of width model.mlp_dim (first_k_dense_replace)
+    e.n_group = 1  # expert groups; a token chooses among its topk_group best groups (group-limited routing)
+    e.topk_group = 1
+    e.norm_topk_prob = True  # normalise the chosen sigmoid scores to sum to 1
+    e.routed_scaling_factor = 1.0  # routed output scale (GLM-4.5: 2.5, Air: 1.0)
+    e.bias_update_rate = 1e-3  # aux-loss-free balancing: bias += rate * sign(mean load - load) per step
+    e.aux_loss_weight = 0.0  # sequence-level balance loss weight (0 = off)
+    e.impl = "ragged"  # ragged (dropless grouped matmuls) | dense (every expert on every token: reference)
+    return e
+
+
+def moe_layer_count(m) -> int:
+    """Number of MoE layers of model config ``m`` (0 for a dense model)."""
+    moe = m.get("moe") if hasattr(m, "get") else None
+    if moe is None or int(moe.num_experts) == 0:
+        return 0
+    return int(m.num_layers) - int(moe.first_dense_layers)
 
 
 def optimizer_config() -> ml_collections.ConfigDict:
@@ -77,6 +108,7 @@ def mesh_config() -> ml_collections.ConfigDict:
     m.data = -1  # -1 = all devices not used by the other axes
     m.fsdp = 1
     m.tensor = 1
+    m.expert = 1  # expert parallelism: experts split over this axis, tokens move by all-to-all
     return m
 
 
@@ -192,10 +224,10 @@ def _coerce(key: str, raw: str, old):
     return raw
 
 
-def resolve_mesh_shape(cfg, num_devices: int) -> tuple[int, int, int]:
-    """(data, fsdp, tensor) with a -1 entry filled so that the product is ``num_devices``."""
-    names = ("data", "fsdp", "tensor")
-    sizes = [int(cfg.mesh[n]) for n in names]
+def resolve_mesh_shape(cfg, num_devices: int) -> tuple[int, int, int, int]:
+    """(data, fsdp, expert, tensor) with a -1 entry filled so that the product is ``num_devices``."""
+    names = ("data", "fsdp", "expert", "tensor")
+    sizes = [int(cfg.mesh.get(n, 1)) for n in names]
     for n, s in zip(names, sizes):
         if s == 0 or s < -1:
             raise ConfigError(f"mesh.{n}={s} is not a valid mesh size: use a positive integer, "
@@ -211,7 +243,7 @@ def resolve_mesh_shape(cfg, num_devices: int) -> tuple[int, int, int]:
                               f"whose product divides the device count")
         sizes[sizes.index(-1)] = num_devices // known
     if math.prod(sizes) != num_devices:
-        raise ConfigError(f"mesh data*fsdp*tensor = {'*'.join(map(str, sizes))} = {math.prod(sizes)} but there "
+        raise ConfigError(f"mesh data*fsdp*expert*tensor = {'*'.join(map(str, sizes))} = {math.prod(sizes)} but there "
                           f"are {num_devices} devices: the mesh must use every device exactly once; set one "
                           f"axis to -1 or make the product {num_devices}")
     return tuple(sizes)
@@ -260,16 +292,66 @@ def validate(cfg, num_devices: int | None = None) -> None:
              f"model.head_dim={m.head_dim} must be divisible by 4: rotary acts on pairs within each half")
     _require(0 < m.embedding_grad_shrink <= 1,
              f"model.embedding_grad_shrink={m.embedding_grad_shrink} must lie in (0, 1]: 1 disables it")
+    _validate_moe(m, cfg)
     if num_devices is None:
         return
-    data, fsdp, tensor = resolve_mesh_shape(cfg, num_devices)
+    data, fsdp, expert, tensor = resolve_mesh_shape(cfg, num_devices)
     _require(m.num_heads % tensor == 0,
              f"model.num_heads={m.num_heads} is not divisible by mesh.tensor={tensor}: tensor parallelism "
              f"splits whole heads; use a mesh.tensor that divides {m.num_heads}")
-    dp = data * fsdp
+    if expert > 1:
+        _require(m.moe.num_experts > 0,
+                 f"mesh.expert={expert} but the model has no experts (model.moe.num_experts=0): expert "
+                 f"parallelism splits experts; set mesh.expert=1 or configure model.moe")
+        _require(m.moe.num_experts % expert == 0,
+                 f"model.moe.num_experts={m.moe.num_experts} is not divisible by mesh.expert={expert}: every "
+                 f"expert device holds the same number of whole experts; use a mesh.expert that divides "
+                 f"{m.moe.num_experts}")
+    dp = data * fsdp * expert
     per_step = dp * o.grad_accum_steps
     _require(cfg.batch_size % per_step == 0,
-             f"batch_size={cfg.batch_size} is not divisible by data-parallel size mesh.data*mesh.fsdp={dp}"
+             f"batch_size={cfg.batch_size} is not divisible by data-parallel size mesh.data*mesh.fsdp*mesh.expert={dp}"
              f"{' * optimizer.grad_accum_steps=' + str(o.grad_accum_steps) if o.grad_accum_steps > 1 else ''}"
              f" = {per_step}: every device needs the same number of sequences; use a batch_size that is a "
              f"multiple of {per_step}")
+
+
+def _validate_moe(m, cfg) -> None:
+    """``model.moe.*`` and ``mesh.expert`` checks (before anything compiles)."""
+    e = m.moe
+    ep = cfg.mesh.get("expert", 1)
+    _require(isinstance(ep, int) and ep >= 1,
+             f"mesh.expert={ep!r} must be a positive integer (1 = no expert parallelism)")
+    _require(isinstance(e.num_experts, int) and e.num_experts >= 0,
+             f"model.moe.num_experts={e.num_experts!r} must be an integer >= 0 (0 = dense model)")
+    if e.num_experts == 0:
+        return
+    E = e.num_experts
+    for key in ("experts_per_token", "expert_mlp_dim", "n_group", "topk_group"):
+        value = e[key]
+        _require(isinstance(value, int) and value > 0,
+                 f"model.moe.{key}={value!r} must be a positive integer: set --config.model.moe.{key}")
+    _require(e.experts_per_token <= E,
+             f"model.moe.experts_per_token={e.experts_per_token} is larger than model.moe.num_experts={E}: a "
+             f"token cannot choose more experts than exist; use experts_per_token <= {E}")
+    _require(E % e.n_group == 0,
+             f"model.moe.n_group={e.n_group} does not divide model.moe.num_experts={E}: experts are split into "
+             f"equal groups; choose n_group among the divisors of {E}")
+    _require(E // e.n_group >= 2,
+             f"model.moe.n_group={e.n_group} leaves {E // e.n_group} expert per group: a group is scored by "
+             f"its two best experts (as glm4_moe does); use n_group <= {E // 2}")
+    _require(e.topk_group <= e.n_group,
+             f"model.moe.topk_group={e.topk_group} is larger than model.moe.n_group={e.n_group}: a token "
+             f"chooses among at most all groups; use topk_group <= {e.n_group}")
+    _require(e.topk_group * (E // e.n_group) >= e.experts_per_token,
+             f"model.moe.topk_group={e.topk_group} groups of {E // e.n_group} experts hold fewer than "
+             f"experts_per_token={e.experts_per_token}: raise topk_group or lower experts_per_token")
+    _require(isinstance(e.num_shared_experts, int) and e.num_shared_experts >= 0,
+             f"model.moe.num_shared_experts={e.num_shared_experts!r} must be an integer >= 0")
+    _require(isinstance(e.first_dense_layers, int) and 0 <= e.first_dense_layers < m.num_layers,
+             f"model.moe.first_dense_layers={e.first_dense_layers!r} must lie in [0, model.num_layers="
+             f"{m.num_layers}): at least one layer must be MoE")
+    _require(e.routed_scaling_factor > 0 and e.bias_update_rate >= 0 and e.aux_loss_weight >= 0,
+             "model.moe.routed_scaling_factor must be > 0, bias_update_rate and aux_loss_weight >= 0")
+    _require(e.impl in MOE_IMPLS, f"model.moe.impl={e.impl!r} is not one of {', '.join(MOE_IMPLS)}: pick "
+                                  f"one of those with --config.model.moe.impl=...")

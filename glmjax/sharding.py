@@ -18,11 +18,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from glmjax.config import resolve_mesh_shape
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
 
 # logical axis name -> mesh axes (None = replicated)
 RULES: dict[str, tuple[str, ...] | str | None] = {
-    "batch": ("data", "fsdp"),
+    "batch": ("data", "fsdp", "expert"),  # expert devices also split the batch outside the experts
     "length": None,
     "embed": "fsdp",  # parameters: ZeRO-3 style, gathered per layer by XLA
     "act_embed": None,  # activations' hidden dim
@@ -34,6 +34,8 @@ RULES: dict[str, tuple[str, ...] | str | None] = {
     "vocab": "tensor",
     "layers": None,
     "norm": None,
+    "experts": "expert",  # MoE: routed expert weights [experts, ...]
+    "expert_mlp": "tensor",
 }
 
 _ACTIVATION_MESH: list[Mesh] = []
@@ -41,7 +43,7 @@ log = logging.getLogger(__name__)
 
 
 def make_mesh(cfg, devices=None) -> Mesh:
-    """The ``(data, fsdp, tensor)`` mesh of the config over ``devices`` (default: all devices)."""
+    """The ``(data, fsdp, expert, tensor)`` mesh of the config over ``devices`` (default: all devices)."""
     devices = jax.devices() if devices is None else devices
     shape = resolve_mesh_shape(cfg, len(devices))
     try:
@@ -105,4 +107,9 @@ def constrain(x: jax.Array, axes) -> jax.Array:
 
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
     """Sharding of input features ``[batch, length, ...]``."""
-    return NamedSharding(mesh, P(("data", "fsdp"), *([None] * (ndim - 1))))
+    return NamedSharding(mesh, P(batch_axes(mesh), *([None] * (ndim - 1))))
+
+
+def batch_axes(mesh: Mesh) -> tuple[str, ...]:
+    """The mesh axes that split the batch (``RULES['batch']`` present in ``mesh``)."""
+    return tuple(a for a in RULES["batch"] if a in mesh.axis_names)

@@ -6,9 +6,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 import pallas_kernels
-from glmjax.model.layers import dense, dtype_of, param
+from glmjax.model.layers import Norm, dense, dtype_of, param
 from glmjax.model.rope import apply_rope
-from glmjax.sharding import constrain
+from glmjax.sharding import batch_axes, constrain
 
 
 def attend(q_BTHD, k_BSKD, v_BSKD, segment_ids_BT, bidirectional_BT, *, impl: str, mesh=None):
@@ -32,8 +32,9 @@ def attend(q_BTHD, k_BSKD, v_BSKD, segment_ids_BT, bidirectional_BT, *, impl: st
     args = (q_BTHD, k_BSKD, v_BSKD, segment_ids_BT, bidirectional_BT)
     if kernel == "xla":
         return pallas_kernels.flash_attention(*args, causal=True, implementation="xla")
+    extra = {} if mesh is None else {"batch_axes": batch_axes(mesh)}
     return pallas_kernels.sharded_flash_attention(*args, mesh=mesh, causal=True, implementation=kernel,
-                                                  interpret=interpret)
+                                                  interpret=interpret, **extra)
 
 
 class Attention(nnx.Module):
@@ -52,6 +53,9 @@ class Attention(nnx.Module):
             self.bq = param(rngs, (H, hd), ("heads", "head_dim"), std=0, dtype=pd)
             self.bk = param(rngs, (K, hd), ("kv_heads", "head_dim"), std=0, dtype=pd)
             self.bv = param(rngs, (K, hd), ("kv_heads", "head_dim"), std=0, dtype=pd)
+        if cfg.get("qk_norm", False):  # RMSNorm over head_dim of every q / k head, before rotary
+            self.q_norm = Norm(cfg, rngs, dim=hd, rms=True)
+            self.k_norm = Norm(cfg, rngs, dim=hd, rms=True)
 
     def __call__(self, x_BTD, feats, mesh=None):
         cfg, dt = self.cfg, self.dtype
@@ -60,6 +64,8 @@ class Attention(nnx.Module):
         v = dense(x_BTD, self.wv[...].astype(dt))
         if cfg.qkv_bias:
             q, k, v = q + self.bq[...].astype(dt), k + self.bk[...].astype(dt), v + self.bv[...].astype(dt)
+        if cfg.get("qk_norm", False):
+            q, k = self.q_norm(q), self.k_norm(k)
         pos, block_pos = feats["positions"], feats.get("block_positions")
         q = apply_rope(q, pos, block_pos, theta=cfg.rope_theta, rope_2d=cfg.rope_2d)
         k = apply_rope(k, pos, block_pos, theta=cfg.rope_theta, rope_2d=cfg.rope_2d)

@@ -67,11 +67,11 @@ def dense(x, w, n: int = 1):
 class Norm(nnx.Module):
     """LayerNorm (scale + bias, for DeepNorm) or RMSNorm (scale), computed in float32."""
 
-    def __init__(self, cfg, rngs: nnx.Rngs):
+    def __init__(self, cfg, rngs: nnx.Rngs, *, dim: int | None = None, rms: bool | None = None):
         pd = dtype_of(cfg.param_dtype)
-        self.rms = cfg.norm == "rmsnorm_pre"
+        self.rms = cfg.norm == "rmsnorm_pre" if rms is None else rms
         self.eps = cfg.norm_eps
-        self.scale = param(rngs, (cfg.hidden_size,), ("norm",), std=None, dtype=pd)
+        self.scale = param(rngs, (dim or cfg.hidden_size,), ("norm",), std=None, dtype=pd)
         if not self.rms:
             self.bias = param(rngs, (cfg.hidden_size,), ("norm",), std=0, dtype=pd)
 
@@ -88,16 +88,21 @@ class Norm(nnx.Module):
         return y.astype(x_BTD.dtype)
 
 
+def activation(cfg):
+    """The gate activation of ``model.mlp``: SiLU (SwiGLU) or exact GELU (GeGLU)."""
+    return jax.nn.silu if cfg.mlp == "swiglu" else (lambda x: jax.nn.gelu(x, approximate=False))
+
+
 class GatedMLP(nnx.Module):
     """GeGLU / SwiGLU with a fused input projection ``wi: [embed, 2, mlp]`` (index 0 gate, 1 up)."""
 
-    def __init__(self, cfg, rngs: nnx.Rngs, *, out_std: float):
+    def __init__(self, cfg, rngs: nnx.Rngs, *, out_std: float, mlp_dim: int | None = None):
         pd = dtype_of(cfg.param_dtype)
+        F = mlp_dim or cfg.mlp_dim
         self.dtype = dtype_of(cfg.dtype)
-        self.act = jax.nn.silu if cfg.mlp == "swiglu" else (lambda x: jax.nn.gelu(x, approximate=False))
-        self.wi = param(rngs, (cfg.hidden_size, 2, cfg.mlp_dim), ("embed", "gate_up", "mlp"),
-                        std=cfg.init_std, dtype=pd)
-        self.wo = param(rngs, (cfg.mlp_dim, cfg.hidden_size), ("mlp", "embed"), std=out_std, dtype=pd)
+        self.act = activation(cfg)
+        self.wi = param(rngs, (cfg.hidden_size, 2, F), ("embed", "gate_up", "mlp"), std=cfg.init_std, dtype=pd)
+        self.wo = param(rngs, (F, cfg.hidden_size), ("mlp", "embed"), std=out_std, dtype=pd)
 
     def __call__(self, x_BTD):
         h_BTCF = dense(x_BTD, self.wi[...].astype(self.dtype))

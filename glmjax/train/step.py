@@ -11,7 +11,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from glmjax.sharding import activation_mesh, batch_sharding, replicated
+from glmjax.sharding import activation_mesh, batch_axes, batch_sharding, replicated
 from glmjax.train.optimizer import learning_rate_schedule
 from glmjax.train.state import ModelSpec, TrainState
 
@@ -88,7 +88,7 @@ def _split_micro(x, accum: int, mesh: Mesh):
     b = x.shape[0]
     y = x.reshape(b // accum, accum, *x.shape[1:]).swapaxes(0, 1)
     if mesh.size > 1:
-        spec = P(None, ("data", "fsdp"), *([None] * (x.ndim - 1)))
+        spec = P(None, batch_axes(mesh), *([None] * (x.ndim - 1)))
         y = jax.lax.with_sharding_constraint(y, NamedSharding(mesh, spec))
     return y
 
