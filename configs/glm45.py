@@ -7,7 +7,7 @@
 qk-norm, half-split rotary on half of head_dim (theta 1e6), 160 routed experts of width 1536, top 8,
 1 shared expert, routed scaling 2.5, sigmoid router with the aux-loss-free correction bias, vocab
 151552, untied head. Counts: 352.8B parameters (published 355B, without the multi-token-prediction
-layer), 32.1B active non-embedding parameters per token (published 32B).
+layer), 32.1B active parameters in the blocks per token (published 32B; embedding and head excluded).
 
 Chips: parameters + AdamW state in float32 are 16 bytes/parameter = 5.6 TB, so a TPU v5p-256 (128 chips,
 95 GB HBM each, 12 TB) with ``mesh.expert=32 mesh.fsdp=4`` holds ~44 GB of state per chip, leaving the

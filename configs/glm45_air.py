@@ -6,8 +6,8 @@
 46 layers (the first dense, SwiGLU 10944), hidden 4096, 96 heads of 128 (8 kv heads), qkv bias, no
 qk-norm, half-split rotary on half of head_dim (theta 1e6), 128 routed experts of width 1408, top 8,
 1 shared expert, sigmoid router with the aux-loss-free correction bias, vocab 151552, untied head.
-Counts: 106.9B parameters (published 106B, without the multi-token-prediction layer), 12.2B active
-non-embedding parameters per token (published 12B).
+Counts: 106.9B parameters (published 106B, without the multi-token-prediction layer), 12.2B active parameters
+in the blocks per token (published 12B; embedding and head excluded).
 
 Chips: parameters + AdamW state in float32 are 16 bytes/parameter = 1.7 TB, so a TPU v5p-128 (64 chips,
 95 GB HBM each, 6 TB) with ``mesh.expert=16 mesh.fsdp=4`` holds ~27 GB of state per chip, leaving the rest

@@ -2,8 +2,8 @@
 
     python -m glmjax.train --config=configs/tiny_moe.py --workdir=/tmp/glm_tiny_moe
 
-Cost: a few minutes for 300 steps on a 2-core CPU (no accelerator needed); 2.2M parameters, 0.9M active
-per token. The GLM-4.5 block at toy width: RMSNorm pre-norm, qk-norm, the first layer dense, then
+Cost: a few minutes for 300 steps on a 2-core CPU (no accelerator needed); 1.9M parameters, 0.9M active
+(non-embedding) per token. The GLM-4.5 block at toy width: RMSNorm pre-norm, qk-norm, the first layer dense, then
 8 routed SwiGLU experts (top 2 of the best 1 of 2 groups, sigmoid router with the aux-loss-free
 correction bias) + 1 shared expert; causal LM objective. Expert parallelism on 8 devices:
 ``--config.mesh.expert=4 --config.mesh.data=2``.
