@@ -1,6 +1,5 @@
 """Training the tiny MoE: sharded layouts with expert parallelism equal one device; the aux-loss-free
 correction bias moves; the balance loss; preset sizes."""
-import json
 from pathlib import Path
 
 import jax
@@ -10,7 +9,6 @@ import pytest
 from glmjax.config import load_config, validate
 from glmjax.scaling.flops import active_params, flops_per_token, param_count
 from glmjax.sharding import batch_sharding, make_mesh
-from glmjax.train.loop import train
 from glmjax.train.state import init_state, model_spec
 from glmjax.train.step import make_train_step
 from helpers import random_glm_features
