@@ -29,7 +29,8 @@ KNOBS = {"norm": ("deepnorm", "rmsnorm_pre"), "mlp": ("geglu", "swiglu"), "rope_
          "partial_rotary_factor": (0.5,)}
 SHAPES = ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "head_dim", "mlp_dim", "vocab_size",
           "norm_eps", "rope_theta")
-IGNORED = ("attention_impl", "dtype", "param_dtype", "remat", "scan_layers", "embedding_grad_shrink", "init_std")
+IGNORED = ("attention_impl", "dtype", "param_dtype", "remat", "scan_layers", "embedding_grad_shrink", "init_std",
+           "loss_chunk")
 
 
 def unsupported_knobs(model: dict) -> list[str]:
