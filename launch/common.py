@@ -266,3 +266,12 @@ def main_guard(fn, argv=None) -> None:
               "(see the launcher's status / stop commands)", file=sys.stderr)
         sys.exit(130)
 
+
+
+def dispatch(argv, build_parser, commands) -> int:
+    """Parse ``FLAGS -- TRAIN_COMMAND`` and run the chosen subcommand (only ``run`` takes a command)."""
+    flags, train_argv = split_command(argv)
+    args = build_parser().parse_args(flags)
+    if train_argv and args.command != "run":
+        raise LaunchError(f"only `run` takes a training command after --; `{args.command}` does not")
+    return commands[args.command](args, train_argv)

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from launch.common import (  # noqa: E402
     PREEMPTED_EXIT_CODE, REPO, LaunchError, Runner, check_fit, git_commit, git_dirty, main_guard,
-    parse_accelerator, parse_train_command, require, split_command, warn,
+    dispatch, parse_accelerator, parse_train_command, require, warn,
 )
 
 REMOTE_REPO = "$HOME/glmjax"
@@ -407,12 +407,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str]) -> int:
-    flags, train_argv = split_command(argv)
-    args = build_parser().parse_args(flags)
-    if train_argv and args.command != "run":
-        raise LaunchError(f"only `run` takes a training command after --; `{args.command}` does not")
-    return COMMANDS[args.command](args, train_argv)
+def main(argv) -> int:
+    return dispatch(argv, build_parser, COMMANDS)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from launch.common import (  # noqa: E402
     REPO, LaunchError, Runner, check_fit, git_commit, git_dirty, main_guard, parse_accelerator, parse_train_command,
-    require, split_command, warn,
+    dispatch, require, warn,
 )
 
 XPK_INSTALL = "install XPK with `pip install xpk` (it needs gcloud, kubectl and docker) and create a cluster first"
@@ -131,11 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv) -> int:
-    flags, train_argv = split_command(argv)
-    args = build_parser().parse_args(flags)
-    if train_argv and args.command != "run":
-        raise LaunchError(f"only `run` takes a training command after --; `{args.command}` does not")
-    return COMMANDS[args.command](args, train_argv)
+    return dispatch(argv, build_parser, COMMANDS)
 
 
 if __name__ == "__main__":
