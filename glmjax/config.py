@@ -20,7 +20,11 @@ import ml_collections
 from glmjax.data.defaults import data_config, objective_config
 
 NORMS = ("deepnorm", "rmsnorm_pre")
-MLPS = ("geglu", "swiglu")
+MLPS = ("geglu", "swiglu", "gelu")
+GELUS = ("erf", "tanh")
+GLU_ORDERS = ("gate_first", "value_first")
+INITS = ("normal", "deepnorm")
+GMASK_POSITIONS = ("mask", "continue")
 ROPE_STYLES = ("interleaved", "half")
 ATTENTION_IMPLS = ("xla", "pallas", "cudnn", "auto")
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims")
@@ -44,12 +48,22 @@ def model_config() -> ml_collections.ConfigDict:
     m.vocab_size = 2048
     m.norm = "rmsnorm_pre"  # deepnorm (GLM-130B post-LN) | rmsnorm_pre (GLM-4)
     m.norm_eps = 1e-5
-    m.mlp = "swiglu"  # geglu | swiglu
+    m.mlp = "swiglu"  # geglu | swiglu (gated, wi [embed, 2, mlp]) | gelu (plain: wi [embed, mlp], ChatGLM-6B)
+    m.gelu = "erf"  # GELU of geglu / gelu: erf (exact; GLM-130B) | tanh (approximation; ChatGLM-6B)
+    m.glu_order = "gate_first"  # gated MLP halves: gate_first (wi[:, 0] is the gate; HF glm) | value_first
+    # (wi[:, 0] is the value, wi[:, 1] the gate: GLM-130B's fused dense_h_to_4h [value; gate])
     m.rope_2d = False  # 2D rotary: second half of the rotary dims rotates by block positions
     m.rope_theta = 10000.0
     m.rope_style = "interleaved"  # interleaved (HF glm: pairs x[2i], x[2i+1]) | half (rotate_half: GLM-130B)
     m.partial_rotary_factor = 0.5  # fraction of head_dim each position stream rotates (2D: <= 0.5)
     m.qkv_bias = True
+    m.attn_out_bias = False  # bias of the attention output projection (GLM-130B, ChatGLM-6B)
+    m.mlp_bias = False  # biases of both MLP projections (GLM-130B, ChatGLM-6B)
+    m.embedding_norm = False  # a norm (model.norm's kind) on the embeddings before the first layer
+    m.final_norm = True  # the norm after the last layer (off: the DeepNorm block already ends in one)
+    # The released GLM-130B / ChatGLM-6B block a = LN_in(h); m = LN_post(alpha*a + attn(a)); h = alpha*m + mlp(m)
+    # with a final LN is exactly glmjax's deepnorm block with embedding_norm=True, final_norm=False: layer i's
+    # attn_norm is LN_post_i, its mlp_norm is LN_in_(i+1) (the last one: the final LN), embed_norm is LN_in_0.
     m.attention_impl = "xla"  # xla | pallas | cudnn | auto
     m.dtype = "float32"  # compute dtype
     m.param_dtype = "float32"  # master weights
@@ -58,6 +72,10 @@ def model_config() -> ml_collections.ConfigDict:
     m.embedding_grad_shrink = 1.0  # GLM-130B: 0.1 (the embedding gradient is scaled by this)
     m.tie_embeddings = False
     m.init_std = 0.02
+    # normal: N(0, init_std), v / attention output / MLP output scaled by DeepNorm's beta=(2N)^-0.5 (deepnorm)
+    # | deepnorm: the DeepNet paper / GLM-130B init: Xavier normal per matrix, gain beta=(2N)^-0.5 on both
+    # MLP matrices, v and the attention output, gain 1 on q and k (embeddings and head: N(0, init_std))
+    m.init = "normal"
     m.loss_chunk = 0  # > 0: cross-entropy over this many positions at a time (no [B, T, vocab] logits)
     return m
 
@@ -260,12 +278,21 @@ def validate(cfg, num_devices: int | None = None) -> None:
     choices = {"model.norm": (m.norm, NORMS), "model.mlp": (m.mlp, MLPS),
                "model.attention_impl": (m.attention_impl, ATTENTION_IMPLS),
                "model.remat": (m.remat, REMAT_POLICIES), "model.rope_style": (m.rope_style, ROPE_STYLES),
+               "model.gelu": (m.gelu, GELUS), "model.glu_order": (m.glu_order, GLU_ORDERS),
+               "model.init": (m.init, INITS),
+               "objective.gmask_positions": (cfg.objective.gmask_positions, GMASK_POSITIONS),
                "optimizer.schedule": (o.schedule, SCHEDULES),
                "optimizer.cooldown_shape": (o.cooldown_shape, COOLDOWN_SHAPES),
                "model.dtype": (m.dtype, DTYPES), "model.param_dtype": (m.param_dtype, DTYPES)}
     for key, (value, allowed) in choices.items():
         _require(value in allowed, f"{key}={value!r} is not one of {', '.join(allowed)}: "
                                    f"pick one of those with --config.{key}=...")
+    for key in ("attn_out_bias", "mlp_bias", "embedding_norm", "final_norm"):
+        _require(isinstance(m[key], bool), f"model.{key}={m[key]!r} must be true or false: "
+                                           f"set --config.model.{key}=true or =false")
+    _require(m.init != "deepnorm" or m.norm == "deepnorm",
+             f"model.init='deepnorm' needs model.norm='deepnorm' (got {m.norm!r}): the DeepNorm init scales "
+             f"by beta=(2N)^-0.5, made for the DeepNorm residual alpha; use --config.model.init=normal")
     _require(m.num_heads % m.num_kv_heads == 0,
              f"model.num_heads={m.num_heads} is not divisible by model.num_kv_heads={m.num_kv_heads}: each kv "
              f"head serves a whole group of query heads; choose num_kv_heads among the divisors of num_heads")

@@ -27,7 +27,12 @@ def random_model(*overrides, seed=0):
     (),  # GLM-130B style: DeepNorm, GeGLU, 2D rotary, scanned layers
     ("--config.model.norm=rmsnorm_pre", "--config.model.mlp=swiglu", "--config.model.rope_2d=false",
      "--config.model.num_kv_heads=2", "--config.model.scan_layers=false", "--config.model.tie_embeddings=true"),
-], ids=["glm130b_style", "glm4_style_gqa_unscanned_tied"])
+    # the released GLM-130B knobs: embedding LN, no extra final norm, output / MLP biases, [value; gate]
+    # GeGLU, 1D split-halves rotary over all of head_dim
+    ("--config.model.embedding_norm=true", "--config.model.final_norm=false", "--config.model.attn_out_bias=true",
+     "--config.model.mlp_bias=true", "--config.model.glu_order=value_first", "--config.model.rope_2d=false",
+     "--config.model.rope_style=half", "--config.model.partial_rotary_factor=1.0"),
+], ids=["glm130b_style", "glm4_style_gqa_unscanned_tied", "released_glm130b"])
 def test_cache_equals_recompute_for_a_batch_of_different_lengths(overrides):
     model = random_model(*overrides)
     rng = np.random.default_rng(1)

@@ -7,7 +7,8 @@ A document ``x_1..x_n`` is cut into chunks; each chunk draws an objective (``cau
   the spans in random order, each as ``<sop> s_1..s_l`` with targets ``s_1..s_l <eop>``.
   ``positions``: Part A 0..|A|-1, a Part B token the position of its span's mask token;
   ``block_positions``: Part A 0, Part B 1..l+1; ``bidirectional`` 1 on Part A; Part A targets are
-  the pad id 0 (no loss).
+  the pad id 0 (no loss). With ``objective.gmask_positions=continue`` (GLM-130B) a [gMASK] example
+  instead has ``positions`` 0..n+1 straight through Part B and ``block_positions`` 0.
 * causal: ``tokens = c[:-1]``, ``targets = c[1:]`` for a chunk ``c`` of ``m + 1`` tokens; chunks
   overlap by one token so every token after the first is a target once.
 
@@ -40,6 +41,7 @@ class ObjectiveSpec:
     poisson_lambda: float = 3.0
     gmask_min_ratio: float = 0.5
     gmask_max_ratio: float = 1.0
+    gmask_positions: str = "mask"  # mask | continue (GLM-130B: [gMASK] positions run on, no block positions)
 
     def __post_init__(self):
         w = np.asarray(self.weights, dtype=np.float64)
@@ -52,6 +54,8 @@ class ObjectiveSpec:
             raise ValueError(f"objective.mask_ratio must be in (0, 1), got {self.mask_ratio}")
         if self.weights[2] > 0 and self.sentence_end is None:
             raise ValueError("[sMASK] needs a sentence_end table")
+        if self.gmask_positions not in ("mask", "continue"):
+            raise ValueError(f"objective.gmask_positions={self.gmask_positions!r} is not one of mask, continue")
         if self.seq_len < 16:
             raise ValueError(f"seq_len={self.seq_len} is too short for the GLM objectives (>= 16)")
 
@@ -170,7 +174,11 @@ def make_example(chunk: np.ndarray, objective: str, spec: ObjectiveSpec, rng: np
     else:
         raise ValueError(f"unknown objective {objective!r}; one of {OBJECTIVES}")
     mask_id = spec.mask_ids[OBJECTIVES.index(objective) - 1]
-    return infill_example(chunk, spans, mask_id, spec.sop, spec.eop, rng)
+    ex = infill_example(chunk, spans, mask_id, spec.sop, spec.eop, rng)
+    if objective == "gmask" and spec.gmask_positions == "continue":
+        ex["positions"] = np.arange(len(ex["tokens"]), dtype=np.int32)
+        ex["block_positions"] = np.zeros(len(ex["tokens"]), np.int32)
+    return ex
 
 
 def document_examples(doc: np.ndarray, spec: ObjectiveSpec, rng: np.random.Generator):

@@ -31,4 +31,7 @@ def objective_config() -> ml_collections.ConfigDict:
     c.poisson_lambda = 3.0  # [MASK]: span lengths ~ max(1, Poisson(lambda))
     c.gmask_min_ratio = 0.5  # [gMASK]: the suffix is uniform in [min, max] of the chunk
     c.gmask_max_ratio = 1.0
+    # [gMASK] positions: mask (Part B at the [gMASK] position, block positions 1..; GLM / ChatGLM-6B)
+    # | continue (positions run on 0..n through Part B, block positions 0: GLM-130B). [MASK]/[sMASK]: always mask.
+    c.gmask_positions = "mask"
     return c

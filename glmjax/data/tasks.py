@@ -112,7 +112,8 @@ def objective_spec(objective_cfg: dict, seq_len: int, voc: seqio.SentencePieceVo
         sentence_end=vocab_lib.sentence_end_table(voc) if weights[2] > 0 else None,
         mask_ratio=float(objective_cfg["mask_ratio"]), poisson_lambda=float(objective_cfg["poisson_lambda"]),
         gmask_min_ratio=float(objective_cfg["gmask_min_ratio"]),
-        gmask_max_ratio=float(objective_cfg["gmask_max_ratio"]))
+        gmask_max_ratio=float(objective_cfg["gmask_max_ratio"]),
+        gmask_positions=str(objective_cfg.get("gmask_positions", "mask")))
 
 
 def _glm_objective(ds: tf.data.Dataset, sequence_length, output_features, objective_cfg: dict) -> tf.data.Dataset:

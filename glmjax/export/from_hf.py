@@ -2,15 +2,18 @@
 
 Library functions (the CLI ``tools/import_hf.py`` is a thin wrapper):
 
-- :func:`read_hf_config` reads ``config.json`` and says which source layout it is (``glm``: native
-  ``GlmForCausalLM``; ``glmjax``: our own remote-code export); another architecture is an error.
+- :func:`detect_layout` says which source layout a directory is (``--layout``, else auto-detected):
+  ``glm`` (native ``GlmForCausalLM``), ``glmjax`` (our own remote-code export), ``chatglm`` (Hugging Face
+  ChatGLM-6B remote code), ``glm130b`` (the released GLM-130B SwissArmyTransformer checkpoint,
+  ``mp_rank_XX_model_states.pt``; its shape comes from ``--config``). See ``glm_originals.py`` for the last two.
+- :func:`read_hf_config` reads ``config.json``; an architecture glmjax does not import is an error.
 - :func:`model_config_from_hf` gives the glmjax ``model.*`` values for it.
 - :func:`params_from_hf` maps a source state dict (``get(name) -> np.ndarray``) to glmjax parameters.
 - :func:`import_hf` writes a workdir: the run config (with ``data.tokenizer`` = the model's own
   tokenizer) and a step-0 checkpoint that ``python -m glmjax.train --workdir=DIR`` resumes from.
 
-A new source layout (the original GLM-130B one, ``glm4_moe``) is one more ``LAYOUTS`` entry: a config
-function and a params function.
+A new source layout (``glm4_moe``, ChatGLM2/3) is one more ``LAYOUTS`` entry: a config function and a
+params function (and a getter in :func:`tensor_getter` when its weights are not safetensors).
 """
 from __future__ import annotations
 
@@ -34,10 +37,11 @@ def read_hf_config(hf_dir: str) -> tuple[str, dict]:
                            f"(config.json + *.safetensors)")
     config = json.load(open(path))
     kind = config.get("model_type")
-    if kind not in LAYOUTS:
+    if kind not in LAYOUTS or kind in NEEDS_CONFIG:
         raise ImportError_(f"--model={hf_dir} is a {kind!r} model ({config.get('architectures')}); glmjax imports "
-                           f"{', '.join(sorted(LAYOUTS))} (GlmForCausalLM, e.g. the layout of GLM-4-9B, or a "
-                           f"glmjax remote-code export)")
+                           f"model_type glm (GlmForCausalLM, e.g. GLM-4-9B), glmjax (a glmjax remote-code export) "
+                           f"and chatglm (ChatGLM-6B), and GLM-130B checkpoints (--layout=glm130b); known "
+                           f"layouts: {', '.join(sorted(LAYOUTS))}")
     return kind, config
 
 
@@ -111,7 +115,42 @@ def _glmjax_params(get, m) -> dict:
     return out
 
 
-LAYOUTS = {"glm": (_glm_model_config, _glm_params), "glmjax": (_glmjax_model_config, _glmjax_params)}
+from glmjax.export import glm_originals as _orig  # noqa: E402
+
+LAYOUTS = {"glm": (_glm_model_config, _glm_params), "glmjax": (_glmjax_model_config, _glmjax_params),
+           "chatglm": (_orig.chatglm_model_config,
+                       lambda get, m: _orig.original_params(get, m, source="config.json")),
+           "glm130b": (_orig.glm130b_model_config, _orig.original_params)}
+NEEDS_CONFIG = ("glm130b",)  # layouts whose checkpoint has no config file: --config gives the shape
+
+
+def detect_layout(model_dir: str, layout: str | None = None) -> tuple[str, dict]:
+    """``(layout, config.json as a dict or {})`` of ``model_dir``; ``layout`` (``--layout``) or auto-detected."""
+    if layout is not None and layout not in LAYOUTS:
+        raise ImportError_(f"unknown --layout={layout!r}: known layouts are {', '.join(sorted(LAYOUTS))}")
+    d = os.path.expanduser(model_dir)
+    if not os.path.isdir(d):
+        raise ImportError_(f"--model={model_dir} is not a directory: pass the checkpoint directory")
+    if layout == "glm130b" or (layout is None and _orig.sat_rank_files(d)):
+        if not _orig.sat_rank_files(d):
+            raise ImportError_(f"--model={model_dir} has no mp_rank_XX_model_states.pt files: it is not a "
+                               f"GLM-130B (SwissArmyTransformer) checkpoint; known layouts: "
+                               f"{', '.join(sorted(LAYOUTS))}")
+        return "glm130b", {}
+    kind, config = read_hf_config(model_dir)
+    if layout is not None and kind != layout:
+        raise ImportError_(f"--layout={layout} but --model={model_dir} is a {kind!r} model (config.json "
+                           f"model_type): drop --layout to auto-detect, or pass --layout={kind}")
+    return kind, config
+
+
+def tensor_getter(kind: str, model_dir: str, model_cfg):
+    """``get(name) -> np.ndarray`` (with a ``names`` set where known) over the checkpoint's weights."""
+    if kind == "glm130b":
+        return _orig.SatGetter(model_dir, glu=model_cfg.mlp != "gelu")
+    if kind == "chatglm":
+        return _orig.TorchBinGetter(model_dir)
+    return safetensors_getter(model_dir)
 
 
 def model_config_from_hf(kind: str, config: dict) -> dict:
@@ -120,7 +159,11 @@ def model_config_from_hf(kind: str, config: dict) -> dict:
 
 def params_from_hf(kind: str, get, model_cfg) -> dict:
     """glmjax parameter pure dict (float32 NumPy; stacked when ``model.scan_layers``) from ``get(name)``."""
-    params = LAYOUTS[kind][1](lambda n: np.asarray(get(n), np.float32), model_cfg)
+    def as_f32(name):
+        return np.asarray(get(name), np.float32)
+
+    as_f32.names = getattr(get, "names", None)
+    params = LAYOUTS[kind][1](as_f32, model_cfg)
     if model_cfg.scan_layers:
         layers = params["layers"]
         import jax
@@ -155,8 +198,10 @@ def safetensors_getter(hf_dir: str):
     return get
 
 
-def import_hf(hf_dir: str, workdir: str, *, config_path: str | None = None, overrides=()) -> dict:
-    """Write ``workdir`` (config + step-0 checkpoint) from the Hugging Face model at ``hf_dir``."""
+def import_hf(hf_dir: str, workdir: str, *, config_path: str | None = None, overrides=(),
+              layout: str | None = None) -> dict:
+    """Write ``workdir`` (config + step-0 checkpoint) from the checkpoint at ``hf_dir`` (``layout``: one of
+    ``LAYOUTS``, default auto-detected)."""
     import jax
 
     from glmjax.checkpoint import Checkpointer
@@ -165,7 +210,10 @@ def import_hf(hf_dir: str, workdir: str, *, config_path: str | None = None, over
     from glmjax.sharding import make_mesh
     from glmjax.train.state import model_spec
 
-    kind, config = read_hf_config(hf_dir)
+    kind, config = detect_layout(hf_dir, layout)
+    if kind in NEEDS_CONFIG and not config_path:
+        raise ImportError_(f"a {kind} checkpoint has no config file, so --config must give its shape: e.g. "
+                           f"--config=configs/{kind}.py (and --config.model.KEY=VALUE for a different size)")
     workdir = os.path.abspath(os.path.expanduser(workdir))
     from etils import epath
 
@@ -182,8 +230,12 @@ def import_hf(hf_dir: str, workdir: str, *, config_path: str | None = None, over
         cfg.data.tokenizer = os.path.abspath(os.path.expanduser(hf_dir))
     for item in overrides:
         apply_override(cfg, item)
+    if not os.path.isfile(tok) and not cfg.data.tokenizer:
+        log.info("note: %s has no tokenizer.json, so the run's tokenizer is unset: pass "
+                 "--config.data.tokenizer=PATH (a SentencePiece model or a Hugging Face tokenizer directory) "
+                 "when training; the released GLM-130B tokenizer is icetk's", hf_dir)
     validate(cfg, jax.device_count())
-    get = safetensors_getter(hf_dir)
+    get = tensor_getter(kind, hf_dir, cfg.model)
     params = params_from_hf(kind, get, cfg.model)
     mesh = make_mesh(cfg)
     spec = model_spec(cfg, mesh)

@@ -24,7 +24,7 @@ from glmjax.export.reader import CheckpointReader
 from glmjax.export.safetensors_stream import parse_size, write_shards
 
 log = logging.getLogger("glmjax.export")
-FORMATS = ("auto", "hf", "remote")
+FORMATS = ("auto", "hf", "remote", "glm130b", "chatglm")
 REMOTE_FILE = os.path.join(os.path.dirname(__file__), "modeling_glmjax.py")
 
 
@@ -107,8 +107,13 @@ def _tokenizer_source(cfg, tokenizer: str | None) -> str:
 def resolve_format(model_cfg, fmt: str) -> str:
     if fmt not in FORMATS:
         raise ExportError(f"--format={fmt!r} is not one of {', '.join(FORMATS)}")
-    if fmt == "remote":
+    if fmt in ("remote", "glm130b", "chatglm"):
         return fmt
+    from glmjax.export.glm_originals import original_layout
+
+    original = original_layout(model_cfg)
+    if fmt == "auto" and original:  # an imported (or preset) released architecture goes back to its layout
+        return original
     try:
         hf_mapping.check_exportable(model_cfg)
         return "hf"
@@ -133,6 +138,13 @@ def export(workdir: str, out: str, *, step: int | None = None, fmt: str = "auto"
     reader = CheckpointReader(workdir, step)
     m = reader.cfg.model
     fmt = resolve_format(m, fmt)
+    if fmt in ("glm130b", "chatglm"):
+        from glmjax.export.glm_originals import export_original
+
+        try:
+            return export_original(reader, out, fmt, dtype=dtype)
+        except ValueError as e:
+            raise ExportError(f"--format={fmt}: {e}") from None
     if fmt == "remote":
         import importlib.util
 

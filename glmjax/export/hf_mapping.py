@@ -38,6 +38,10 @@ def check_exportable(model_cfg) -> None:
         problems.append("model.rope_2d=True (GlmForCausalLM has 1D rotary only)")
     if model_cfg.get("rope_style", "interleaved") != "interleaved":
         problems.append(f"model.rope_style={model_cfg.rope_style!r} (GlmForCausalLM rotates interleaved pairs)")
+    for key, plain in (("attn_out_bias", False), ("mlp_bias", False), ("embedding_norm", False),
+                       ("final_norm", True)):
+        if model_cfg.get(key, plain) != plain:
+            problems.append(f"model.{key}={model_cfg[key]!r} (GlmForCausalLM has {key}={plain})")
     if problems:
         raise ValueError("model is not GLM-4 style, so it does not map onto GlmForCausalLM: "
                          + "; ".join(problems) + ". Export it with --format=remote (the self-contained PyTorch GLM, "

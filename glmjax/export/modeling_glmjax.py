@@ -26,11 +26,12 @@ from transformers.modeling_outputs import CausalLMOutput
 
 KNOBS = {"norm": ("deepnorm", "rmsnorm_pre"), "mlp": ("geglu", "swiglu"), "rope_2d": (True, False),
          "qkv_bias": (True, False), "tie_embeddings": (True, False), "rope_style": ("interleaved",),
-         "partial_rotary_factor": (0.5,)}
+         "partial_rotary_factor": (0.5,), "gelu": ("erf",), "glu_order": ("gate_first",),
+         "attn_out_bias": (False,), "mlp_bias": (False,), "embedding_norm": (False,), "final_norm": (True,)}
 SHAPES = ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "head_dim", "mlp_dim", "vocab_size",
           "norm_eps", "rope_theta")
 IGNORED = ("attention_impl", "dtype", "param_dtype", "remat", "scan_layers", "embedding_grad_shrink", "init_std",
-           "loss_chunk")
+           "loss_chunk", "init")
 
 
 def unsupported_knobs(model: dict) -> list[str]:

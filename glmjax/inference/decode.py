@@ -17,7 +17,6 @@ import jax.numpy as jnp
 from flax import nnx
 
 from glmjax.model.layers import dense
-from glmjax.model.rope import apply_rope
 
 
 def init_cache(model_cfg, batch: int, slots: int) -> dict:
@@ -34,14 +33,8 @@ def _write(cache_BSKD, new_BCKD, start_B):
 
 
 def _cached_attention(attn, x_BCD, pos_BC, bpos_BC, k_cache, v_cache, start_B, valid_BS, prefix_B):
-    cfg, dt = attn.cfg, attn.dtype
-    q = dense(x_BCD, attn.wq[...].astype(dt))
-    k = dense(x_BCD, attn.wk[...].astype(dt))
-    v = dense(x_BCD, attn.wv[...].astype(dt))
-    if cfg.qkv_bias:
-        q, k, v = q + attn.bq[...].astype(dt), k + attn.bk[...].astype(dt), v + attn.bv[...].astype(dt)
-    q = apply_rope(q, pos_BC, bpos_BC, theta=cfg.rope_theta, rope_2d=cfg.rope_2d)
-    k = apply_rope(k, pos_BC, bpos_BC, theta=cfg.rope_theta, rope_2d=cfg.rope_2d)
+    dt = attn.dtype
+    q, k, v = attn.qkv(x_BCD, pos_BC, bpos_BC)
     k_cache, v_cache = _write(k_cache, k, start_B), _write(v_cache, v, start_B)
     B, C, H, D = q.shape
     K, S = k_cache.shape[2], k_cache.shape[1]
@@ -56,7 +49,7 @@ def _cached_attention(attn, x_BCD, pos_BC, bpos_BC, k_cache, v_cache, start_B, v
     p = jnp.where(visible_BCS[:, None, None], p, 0.0)  # a query seeing nothing (padding) gives 0, not NaN
     out = jnp.einsum("bkgcs,bskd->bckgd", p.astype(v_cache.dtype), v_cache, preferred_element_type=jnp.float32)
     out = out.reshape(B, C, H, D).astype(dt)
-    return dense(out, attn.wo[...].astype(dt), 2), k_cache, v_cache
+    return attn.output(out), k_cache, v_cache
 
 
 def _block(block, x, pos, bpos, k_cache, v_cache, start, valid, prefix):
@@ -98,7 +91,7 @@ def forward_with_cache(module, cache, tokens_BC, pos_BC, bpos_BC, start_B, valid
     of the token at chunk index ``take_B`` of each row, and the updated (donated) cache.
     """
     cfg = module.cfg
-    x = jnp.take(module.embed[...], tokens_BC, axis=0).astype(module.dtype)
+    x = module.embed_normed(jnp.take(module.embed[...], tokens_BC, axis=0).astype(module.dtype))
     args = (pos_BC, bpos_BC)
     rest = (start_B, valid_BS, prefix_B)
     if cfg.scan_layers:
@@ -118,7 +111,7 @@ def forward_with_cache(module, cache, tokens_BC, pos_BC, bpos_BC, start_B, valid
             vs.append(vc)
         ks, vs = jnp.stack(ks), jnp.stack(vs)
     x = jnp.take_along_axis(x, take_B[:, None, None], axis=1)  # [B, 1, D]: only the rows' last tokens
-    x = module.final_norm(x)
+    x = module.final_normed(x)
     head = module.embed[...].T if cfg.tie_embeddings else module.lm_head[...]
     logits = dense(x, head.astype(module.dtype))[:, 0].astype(jnp.float32)
     return logits, {"k": ks, "v": vs}

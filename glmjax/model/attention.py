@@ -35,38 +35,49 @@ def attend(q_BTHD, k_BSKD, v_BSKD, segment_ids_BT, bidirectional_BT, *, impl: st
 
 
 class Attention(nnx.Module):
-    """MHA / GQA with optional qkv bias and no output bias; rotary (1D or 2D) on q and k."""
+    """MHA / GQA with optional qkv bias and output bias (``model.attn_out_bias``); rotary (1D or 2D) on q, k."""
 
-    def __init__(self, cfg, rngs: nnx.Rngs, *, v_std: float, out_std: float):
+    def __init__(self, cfg, rngs: nnx.Rngs, *, stds: dict):
         pd = dtype_of(cfg.param_dtype)
         D, H, K, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.cfg = cfg
         self.dtype = dtype_of(cfg.dtype)
-        self.wq = param(rngs, (D, H, hd), ("embed", "heads", "head_dim"), std=cfg.init_std, dtype=pd)
-        self.wk = param(rngs, (D, K, hd), ("embed", "kv_heads", "head_dim"), std=cfg.init_std, dtype=pd)
-        self.wv = param(rngs, (D, K, hd), ("embed", "kv_heads", "head_dim"), std=v_std, dtype=pd)
-        self.wo = param(rngs, (H, hd, D), ("heads", "head_dim", "embed"), std=out_std, dtype=pd)
+        self.wq = param(rngs, (D, H, hd), ("embed", "heads", "head_dim"), std=stds["wq"], dtype=pd)
+        self.wk = param(rngs, (D, K, hd), ("embed", "kv_heads", "head_dim"), std=stds["wk"], dtype=pd)
+        self.wv = param(rngs, (D, K, hd), ("embed", "kv_heads", "head_dim"), std=stds["wv"], dtype=pd)
+        self.wo = param(rngs, (H, hd, D), ("heads", "head_dim", "embed"), std=stds["wo"], dtype=pd)
         if cfg.qkv_bias:
             self.bq = param(rngs, (H, hd), ("heads", "head_dim"), std=0, dtype=pd)
             self.bk = param(rngs, (K, hd), ("kv_heads", "head_dim"), std=0, dtype=pd)
             self.bv = param(rngs, (K, hd), ("kv_heads", "head_dim"), std=0, dtype=pd)
+        self.out_bias = bool(cfg.get("attn_out_bias", False))
+        if self.out_bias:
+            self.bo = param(rngs, (D,), ("norm",), std=0, dtype=pd)
 
-    def __call__(self, x_BTD, feats, mesh=None):
+    def qkv(self, x_BTD, pos_BT, block_pos_BT):
+        """Projected q, k, v with rotary applied to q and k (shared with the KV-cache decode path)."""
         cfg, dt = self.cfg, self.dtype
         q = dense(x_BTD, self.wq[...].astype(dt))
         k = dense(x_BTD, self.wk[...].astype(dt))
         v = dense(x_BTD, self.wv[...].astype(dt))
         if cfg.qkv_bias:
             q, k, v = q + self.bq[...].astype(dt), k + self.bk[...].astype(dt), v + self.bv[...].astype(dt)
-        pos, block_pos = feats["positions"], feats.get("block_positions")
         rope = dict(theta=cfg.rope_theta, rope_2d=cfg.rope_2d, style=cfg.rope_style,
                     partial_rotary_factor=cfg.partial_rotary_factor)
-        q = apply_rope(q, pos, block_pos, **rope)
-        k = apply_rope(k, pos, block_pos, **rope)
+        return apply_rope(q, pos_BT, block_pos_BT, **rope), apply_rope(k, pos_BT, block_pos_BT, **rope), v
+
+    def output(self, out_BTHD):
+        """The output projection (and bias) of the attention result ``[B, T, H, hd]``."""
+        out = dense(out_BTHD, self.wo[...].astype(self.dtype), 2)
+        return out + self.bo[...].astype(self.dtype) if self.out_bias else out
+
+    def __call__(self, x_BTD, feats, mesh=None):
+        cfg = self.cfg
+        q, k, v = self.qkv(x_BTD, feats["positions"], feats.get("block_positions"))
         q = constrain(q, ("batch", "length", "heads", "head_dim"))
         k = constrain(k, ("batch", "length", "kv_heads", "head_dim"))
         v = constrain(v, ("batch", "length", "kv_heads", "head_dim"))
         out = attend(q, k, v, feats.get("segment_ids"), feats.get("bidirectional"),
                      impl=cfg.attention_impl, mesh=mesh)
         out = constrain(out, ("batch", "length", "heads", "head_dim"))
-        return dense(out, self.wo[...].astype(dt), 2)
+        return self.output(out)

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from glmjax.model.attention import Attention
-from glmjax.model.layers import GatedMLP, Norm, dense, dtype_of, param
+from glmjax.model.layers import GatedMLP, Norm, dense, dtype_of, init_stds, param
 from glmjax.sharding import constrain
 
 REMAT = {
@@ -28,14 +28,12 @@ class Block(nnx.Module):
 
     def __init__(self, cfg, rngs: nnx.Rngs):
         self.deepnorm = cfg.norm == "deepnorm"
-        n = cfg.num_layers
-        self.alpha = (2.0 * n) ** 0.5 if self.deepnorm else 1.0
-        beta = (2.0 * n) ** -0.5 if self.deepnorm else 1.0
-        out_std = cfg.init_std * beta
+        self.alpha = (2.0 * cfg.num_layers) ** 0.5 if self.deepnorm else 1.0
+        stds = init_stds(cfg)
         self.attn_norm = Norm(cfg, rngs)
-        self.attn = Attention(cfg, rngs, v_std=out_std, out_std=out_std)
+        self.attn = Attention(cfg, rngs, stds=stds)
         self.mlp_norm = Norm(cfg, rngs)
-        self.mlp = GatedMLP(cfg, rngs, out_std=out_std)
+        self.mlp = GatedMLP(cfg, rngs, stds=stds)
 
     def __call__(self, x_BTD, feats, mesh=None):
         if self.deepnorm:
@@ -63,7 +61,10 @@ class GLM(nnx.Module):
             self.layers = make_layers(rngs)
         else:
             self.layers = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_layers)])
-        self.final_norm = Norm(cfg, rngs)
+        if cfg.get("embedding_norm", False):
+            self.embed_norm = Norm(cfg, rngs)
+        if cfg.get("final_norm", True):
+            self.final_norm = Norm(cfg, rngs)
         if not cfg.tie_embeddings:
             self.lm_head = param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"),
                                  std=cfg.init_std, dtype=pd)
@@ -86,7 +87,7 @@ class GLM(nnx.Module):
         if cfg.embedding_grad_shrink < 1.0:
             a = cfg.embedding_grad_shrink
             x = a * x + (1.0 - a) * jax.lax.stop_gradient(x)
-        x = constrain(x, ("batch", "length", "act_embed"))
+        x = self.embed_normed(x)
 
         def run(block, x):
             return block(x, feats, mesh)
@@ -102,7 +103,17 @@ class GLM(nnx.Module):
         else:
             for block in self.layers:
                 x = run(block, x)
-        return self.final_norm(x)
+        return self.final_normed(x)
+
+    def embed_normed(self, x_BTD):
+        """The embeddings after ``model.embedding_norm`` (identity when off)."""
+        if self.cfg.get("embedding_norm", False):
+            x_BTD = self.embed_norm(x_BTD)
+        return constrain(x_BTD, ("batch", "length", "act_embed"))
+
+    def final_normed(self, x_BTD):
+        """The last layer's output after ``model.final_norm`` (identity when off)."""
+        return self.final_norm(x_BTD) if self.cfg.get("final_norm", True) else x_BTD
 
 
 def param_axes(state) -> dict:

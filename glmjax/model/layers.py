@@ -89,19 +89,60 @@ class Norm(nnx.Module):
         return y.astype(x_BTD.dtype)
 
 
-class GatedMLP(nnx.Module):
-    """GeGLU / SwiGLU with a fused input projection ``wi: [embed, 2, mlp]`` (index 0 gate, 1 up)."""
+def xavier_std(fan_in: int, fan_out: int, gain: float = 1.0) -> float:
+    """The std of Xavier (Glorot) normal init: ``gain * sqrt(2 / (fan_in + fan_out))``."""
+    return gain * math.sqrt(2.0 / (fan_in + fan_out))
 
-    def __init__(self, cfg, rngs: nnx.Rngs, *, out_std: float):
+
+def init_stds(cfg) -> dict:
+    """Init std of each weight matrix for ``model.init`` (DeepNorm's beta = (2N)^-0.5 when ``model.norm``
+    is deepnorm, else 1). ``normal``: N(0, init_std), beta on v, attention output and MLP output.
+    ``deepnorm`` (DeepNet paper, GLM-130B): Xavier normal per projection (q, k, v, o; each MLP half on its
+    own, ``[D, F]``), gain beta on v, o, and both MLP matrices, gain 1 on q and k."""
+    D, H, K, hd, F, s = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.mlp_dim, cfg.init_std
+    beta = (2.0 * cfg.num_layers) ** -0.5 if cfg.norm == "deepnorm" else 1.0
+    if cfg.get("init", "normal") == "deepnorm":
+        return dict(wq=xavier_std(D, H * hd), wk=xavier_std(D, K * hd), wv=xavier_std(D, K * hd, beta),
+                    wo=xavier_std(H * hd, D, beta), mlp_wi=xavier_std(D, F, beta), mlp_wo=xavier_std(F, D, beta))
+    return dict(wq=s, wk=s, wv=s * beta, wo=s * beta, mlp_wi=s, mlp_wo=s * beta)
+
+
+def gelu_fn(kind: str):
+    return lambda x: jax.nn.gelu(x, approximate=kind == "tanh")
+
+
+class GatedMLP(nnx.Module):
+    """The MLP (``model.mlp``). GeGLU / SwiGLU with a fused input projection ``wi: [embed, 2, mlp]``:
+    ``act(h[gate]) * h[value]`` with gate index 0, value 1 (``glu_order=gate_first``) or the reverse
+    (``value_first``). ``gelu``: the plain MLP ``wo(gelu(wi x))`` with ``wi: [embed, mlp]``. Optional
+    biases ``bi`` (shaped like wi's output) and ``bo [embed]`` (``model.mlp_bias``)."""
+
+    def __init__(self, cfg, rngs: nnx.Rngs, *, stds: dict):
         pd = dtype_of(cfg.param_dtype)
         self.dtype = dtype_of(cfg.dtype)
-        self.act = jax.nn.silu if cfg.mlp == "swiglu" else (lambda x: jax.nn.gelu(x, approximate=False))
-        self.wi = param(rngs, (cfg.hidden_size, 2, cfg.mlp_dim), ("embed", "gate_up", "mlp"),
-                        std=cfg.init_std, dtype=pd)
-        self.wo = param(rngs, (cfg.mlp_dim, cfg.hidden_size), ("mlp", "embed"), std=out_std, dtype=pd)
+        kind = cfg.mlp
+        self.gated = kind != "gelu"
+        self.act = jax.nn.silu if kind == "swiglu" else gelu_fn(cfg.get("gelu", "erf"))
+        self.gate = 1 if cfg.get("glu_order", "gate_first") == "value_first" else 0
+        self.bias = bool(cfg.get("mlp_bias", False))
+        D, F = cfg.hidden_size, cfg.mlp_dim
+        shape, axes = ((D, 2, F), ("embed", "gate_up", "mlp")) if self.gated else ((D, F), ("embed", "mlp"))
+        self.wi = param(rngs, shape, axes, std=stds["mlp_wi"], dtype=pd)
+        self.wo = param(rngs, (F, D), ("mlp", "embed"), std=stds["mlp_wo"], dtype=pd)
+        if self.bias:
+            self.bi = param(rngs, shape[1:], axes[1:], std=0, dtype=pd)
+            self.bo = param(rngs, (D,), ("norm",), std=0, dtype=pd)
 
     def __call__(self, x_BTD):
-        h_BTCF = dense(x_BTD, self.wi[...].astype(self.dtype))
-        h_BTF = self.act(h_BTCF[:, :, 0]) * h_BTCF[:, :, 1]
+        h = dense(x_BTD, self.wi[...].astype(self.dtype))
+        if self.bias:
+            h = h + self.bi[...].astype(self.dtype)
+        if self.gated:
+            h_BTF = self.act(h[:, :, self.gate]) * h[:, :, 1 - self.gate]
+        else:
+            h_BTF = self.act(h)
         h_BTF = constrain(h_BTF, ("batch", "length", "mlp"))
-        return dense(h_BTF, self.wo[...].astype(self.dtype))
+        out = dense(h_BTF, self.wo[...].astype(self.dtype))
+        if self.bias:
+            out = out + self.bo[...].astype(self.dtype)
+        return out
