@@ -34,20 +34,29 @@ def param_count(m) -> tuple[int, int]:
     """(total parameters, non-embedding parameters) of model config ``m`` without allocating."""
     D, H, K, hd, F, V, L = (m.hidden_size, m.num_heads, m.num_kv_heads, m.head_dim, m.mlp_dim,
                             m.vocab_size, m.num_layers)
-    attn = D * H * hd + 2 * D * K * hd + H * hd * D + (H * hd + 2 * K * hd if m.qkv_bias else 0)
-    mlp = 2 * D * F + F * D
-    norms = 2 * D * (2 if m.norm == "deepnorm" else 1)
-    layer = attn + mlp + norms
-    final_norm = D * (2 if m.norm == "deepnorm" else 1)
+    attn = _attention_matmul_params(m) + (H * hd + 2 * K * hd if m.qkv_bias else 0) + (D if m.attn_out_bias else 0)
+    gated = m.mlp != "gelu"  # geglu / swiglu: wi [embed, 2, mlp]; gelu: wi [embed, mlp]
+    mlp = _mlp_matmul_params(m) + (((2 if gated else 1) * F + D) if m.mlp_bias else 0)
+    norm = D * (2 if m.norm == "deepnorm" else 1)  # LayerNorm: scale + bias; RMSNorm: scale
+    layer = attn + mlp + 2 * norm
     head = 0 if m.tie_embeddings else D * V
-    non_embedding = L * layer + final_norm + head
+    non_embedding = L * layer + norm * (int(m.final_norm) + int(m.embedding_norm)) + head
     return non_embedding + V * D, non_embedding
+
+
+def _attention_matmul_params(m) -> int:
+    D, H, K, hd = m.hidden_size, m.num_heads, m.num_kv_heads, m.head_dim
+    return D * H * hd + 2 * D * K * hd + H * hd * D
+
+
+def _mlp_matmul_params(m) -> int:
+    return (2 if m.mlp != "gelu" else 1) * m.hidden_size * m.mlp_dim + m.mlp_dim * m.hidden_size
 
 
 def flops_per_token(m, seq_len: int, *, visible_fraction: float = 0.5) -> FlopsPerToken:
     D, H, K, hd, F, V, L = (m.hidden_size, m.num_heads, m.num_kv_heads, m.head_dim, m.mlp_dim,
                             m.vocab_size, m.num_layers)
-    per_layer = D * H * hd + 2 * D * K * hd + H * hd * D + 3 * D * F
+    per_layer = _attention_matmul_params(m) + _mlp_matmul_params(m)
     matmul = 2.0 * (L * per_layer + D * V)
     attention = 4.0 * L * H * hd * seq_len * visible_fraction
     total, non_embedding = param_count(m)
