@@ -110,8 +110,7 @@ def train(cfg, workdir: str, *, restart: bool = True, pipelines=None) -> dict:
         state = init_state(cfg, spec)
     else:
         state, data_state, _ = restored
-        if data_state is not None:
-            train_iter.set_state(data_state)
+        train_iter.set_state(data_state)  # collective: None (no state for this host) is decided by all hosts
     start = int(jax.device_get(state.step))
     if start >= cfg.steps:
         if hasattr(train_iter, "close"):
