@@ -1,4 +1,4 @@
-"""Child process of tests/test_multihost.py: one of N JAX processes training the tiny model for a few
+"""Child process of tests/test_multihost_groups.py: one of N JAX processes training the tiny model for a few
 steps on meshes given on the command line. Every process builds the same global batches from one seed
 and feeds only the rows its devices hold, through the production path (``host_rows`` + ``to_global``)."""
 import json
@@ -12,7 +12,7 @@ def main(coordinator, num_processes, process_id, out_path, steps, layouts):
     from glmjax import distributed
 
     distributed.initialize(coordinator, num_processes, process_id)
-    from glmjax.data.pipeline import host_rows, row_group, to_global
+    from glmjax.data.global_batch import host_rows, row_group, to_global
     from glmjax.sharding import batch_sharding, make_mesh
     from glmjax.train.state import init_state, model_spec
     from glmjax.train.step import make_train_step
