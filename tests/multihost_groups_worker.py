@@ -8,6 +8,13 @@ import jax
 import numpy as np
 
 
+def config_for(layout: str):
+    """The tiny config (one layer: compiles are most of this test's cost) on mesh ``layout``."""
+    from test_train import tiny
+
+    return tiny("--config.model.num_layers=1", *[f"--config.mesh.{kv}" for kv in layout.split(",")])
+
+
 def main(coordinator, num_processes, process_id, out_path, steps, layouts):
     from glmjax import distributed
 
@@ -17,11 +24,10 @@ def main(coordinator, num_processes, process_id, out_path, steps, layouts):
     from glmjax.train.state import init_state, model_spec
     from glmjax.train.step import make_train_step
     from helpers import random_glm_features
-    from test_train import tiny
 
     result = {"process_count": jax.process_count(), "device_count": jax.device_count(), "layouts": {}}
     for layout in layouts.split(";"):
-        cfg = tiny(*[f"--config.mesh.{kv}" for kv in layout.split(",")])
+        cfg = config_for(layout)
         mesh = make_mesh(cfg)
         spec = model_spec(cfg, mesh)
         state = init_state(cfg, spec)
@@ -32,7 +38,7 @@ def main(coordinator, num_processes, process_id, out_path, steps, layouts):
         losses, shapes = [], set()
         for _ in range(steps):
             b = random_glm_features(rng, cfg.batch_size, cfg.seq_len, cfg.model.vocab_size)
-            batch = to_global({k: v[lo:hi] for k, v in b.items()}, sh)
+            batch = to_global({k: v[lo:hi] for k, v in b.items()}, sh)  # as the loop calls it
             shapes |= {tuple(v.shape) for v in batch.values()}
             state, m = step_fn(state, batch)
             losses.append(float(m["loss"]))

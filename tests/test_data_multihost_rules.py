@@ -1,6 +1,6 @@
 """Single-process checks of the multi-host rules: resume compatibility of non-structural model keys,
 ``scheme://`` data patterns through tf.io.gfile (TF's ``ram://`` filesystem stands in for gs://),
-to_global's global shape and its errors, the mesh's topology rule, and the collective data decision."""
+to_global's global shape and its errors, and the collective data decision."""
 import json
 import logging
 
@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 
 from glmjax.checkpoint import ConfigMismatchError, check_compatible
-from glmjax.config import ConfigError, load_config
+from glmjax.config import load_config
 from glmjax.data import sources, testing
 from glmjax.data.pipeline import host_rows, make_pipeline, row_group, to_global
 from glmjax.sharding import batch_sharding, make_mesh
@@ -72,14 +72,6 @@ def test_to_global_gives_the_global_shape_and_checks_the_rows():
     np.testing.assert_array_equal(np.asarray(out["tokens"]), x)
     with pytest.raises(ValueError, match=r"has 4 rows but this process holds rows \[0, 8\)"):
         to_global({"tokens": x[:4]}, sh, batch_size=8)
-
-
-def test_mesh_on_devices_without_topology_is_row_major_and_bad_shapes_fail_before_compile():
-    cfg = load_config(TINY, ["--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2"])
-    mesh = make_mesh(cfg)
-    assert [d.id for d in mesh.devices.ravel()] == sorted(d.id for d in jax.devices())
-    with pytest.raises(ConfigError, match="the mesh must use every device exactly once"):
-        make_mesh(load_config(TINY, ["--config.mesh.data=3"]))
 
 
 def test_set_state_without_a_state_for_this_host_is_refused_or_restarts(tmp_path, caplog):

@@ -11,7 +11,8 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from test_train import run_losses, tiny
+from multihost_groups_worker import config_for
+from test_train import run_losses
 
 HERE = Path(__file__).resolve().parent
 LAYOUTS = ("fsdp=2,tensor=4,data=1", "data=2,fsdp=2,tensor=2")
@@ -42,7 +43,7 @@ def test_four_processes_with_groups_spanning_hosts_match_one_process(tmp_path):
     results = run_workers(tmp_path, 4, 2, LAYOUTS, STEPS)
     assert all(r["process_count"] == 4 and r["device_count"] == 8 for r in results)
     for layout in LAYOUTS:
-        cfg = tiny(*[f"--config.mesh.{kv}" for kv in layout.split(",")])
+        cfg = config_for(layout)
         want, _ = run_losses(cfg, jax.devices(), STEPS)
         for r in results:
             got = r["layouts"][layout]
