@@ -16,6 +16,9 @@ def config_for(layout: str):
 
 
 def main(coordinator, num_processes, process_id, out_path, steps, layouts):
+    import time
+
+    t0 = time.process_time()
     from glmjax import distributed
 
     distributed.initialize(coordinator, num_processes, process_id)
@@ -25,6 +28,7 @@ def main(coordinator, num_processes, process_id, out_path, steps, layouts):
     from glmjax.train.step import make_train_step
     from helpers import random_glm_features
 
+    times = {"import+init": time.process_time() - t0}
     result = {"process_count": jax.process_count(), "device_count": jax.device_count(), "layouts": {}}
     for layout in layouts.split(";"):
         cfg = config_for(layout)
@@ -34,6 +38,7 @@ def main(coordinator, num_processes, process_id, out_path, steps, layouts):
         step_fn = make_train_step(cfg, spec, mesh)
         sh = batch_sharding(mesh)
         lo, hi = host_rows(sh, cfg.batch_size)
+        t0 = time.process_time()
         rng = np.random.default_rng(0)
         losses, shapes = [], set()
         for _ in range(steps):
@@ -42,6 +47,7 @@ def main(coordinator, num_processes, process_id, out_path, steps, layouts):
             shapes |= {tuple(v.shape) for v in batch.values()}
             state, m = step_fn(state, batch)
             losses.append(float(m["loss"]))
+        times[layout] = time.process_time() - t0
         result["layouts"][layout] = {"losses": losses, "shapes": sorted(shapes), "rows": [lo, hi],
                                      "group": list(row_group(sh, cfg.batch_size))}
     # a mesh whose device order scatters a host's rows is refused before anything compiles
@@ -55,6 +61,7 @@ def main(coordinator, num_processes, process_id, out_path, steps, layouts):
         result["scattered_error"] = None
     except ValueError as e:
         result["scattered_error"] = str(e)
+    result["cpu_seconds"] = times
     with open(f"{out_path}.{jax.process_index()}", "w") as f:
         json.dump(result, f)
 

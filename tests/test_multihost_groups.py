@@ -41,6 +41,7 @@ def run_workers(tmp_path, num_processes, devices_each, layouts, steps):
 
 def test_four_processes_with_groups_spanning_hosts_match_one_process(tmp_path):
     results = run_workers(tmp_path, 4, 2, LAYOUTS, STEPS)
+    print("worker CPU seconds:", [r["cpu_seconds"] for r in results])
     assert all(r["process_count"] == 4 and r["device_count"] == 8 for r in results)
     for layout in LAYOUTS:
         cfg = config_for(layout)

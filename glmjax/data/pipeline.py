@@ -218,28 +218,39 @@ class Pipeline:
                 state["snapshot"] = {"batches": position, "iterator": snap}
         return state
 
-    def set_state(self, state: dict | None) -> None:
+    _STREAM_KEYS = ("version", "split", "process_index", "process_count", "batch_size", "seq_len", "seed", "task")
+
+    def _misfit(self, state: dict | None, mine: dict) -> str | None:
+        """Why ``state`` is not a position in this pipeline's stream, or None if it is."""
+        if state is None:
+            return "no saved data-iterator state for this host (the host count changed)"
+        for key in self._STREAM_KEYS:
+            if state.get(key) != mine[key]:
+                return f"data iterator state has {key}={state.get(key)!r} but this run has {mine[key]!r}"
+        return None
+
+    def set_state(self, state: dict | None, others=()) -> None:
         """Continues with exactly the batches the uninterrupted iterator would give after ``state``.
 
         Restores the state's iterator snapshot (if any) and recomputes only the batches after it.
-        ``state=None`` means this host has no saved state (the host count changed). With several
-        processes this is collective: every host calls it, and all take one decision together. If any
-        host's state does not fit its row group (the host / mesh layout changed), every host raises the
-        same error, or with ``data.on_reshard="restart"`` every host starts the data over (logged; data
-        already seen is repeated).
+        ``state=None`` means this host has no saved state (the host count changed). ``others`` (every
+        host's saved state, lazily) is searched when ``state`` does not fit: a state saved for this
+        host's row group by another process continues the same stream, so a resume on more or fewer
+        hosts with the same row groups (e.g. a tensor or fsdp group that spanned hosts now within one)
+        loses and repeats nothing. With several processes this is collective: every host calls it and
+        all take one decision. If some host finds no fitting state, every host raises the same error,
+        or with ``data.on_reshard="restart"`` every host starts the data over (logged; repeats data).
         """
         mine = self.get_state()
-        problem = None
-        if state is None:
-            problem = "no saved data-iterator state for this host (the host count changed)"
-        else:
-            for key in ("version", "split", "process_index", "process_count", "batch_size", "seq_len", "seed", "task"):
-                if state.get(key) != mine[key]:
-                    problem = (f"data iterator state has {key}={state.get(key)!r} but this run has "
-                               f"{mine[key]!r}")
+        problem = self._misfit(state, mine)
+        if problem is not None:
+            for other in others:
+                if self._misfit(other, mine) is None:
+                    log.info("data %s: %s; continuing from the state another host saved for row group %d of %d",
+                             self.split, problem, self.process_index, self.process_count)
+                    state, problem = other, None
                     break
-        agreed = _all_processes(problem is None)
-        if agreed:
+        if _all_processes(problem is None):
             self._start(int(state["batches"]), state.get("snapshot"))
             return
         problem = problem or "another host's saved data-iterator state does not fit its row group (see its log)"
@@ -249,10 +260,10 @@ class Pipeline:
             self._start(0, None)
             return
         raise ValueError(
-            f"{problem}: the saved position means nothing in a different stream (the data is sharded by "
-            "row group = the rows each host's devices hold, so changing the host count or mesh.data/fsdp "
-            "layout changes the streams). Fix: resume with the same data settings, mesh and host count; or "
-            "pass --config.data.on_reshard=restart to start the data over on every host (repeats data).")
+            f"{problem}: no saved position fits this host's row group (the data is sharded by row group = "
+            "the batch rows a host's devices hold; the host count or mesh.data/fsdp changed them). Fix: resume "
+            "with the same mesh and host layout; or pass --config.data.on_reshard=restart to start the data "
+            "over on every host (repeats data).")
 
     def close(self) -> None:
         if self._prefetcher is not None:
