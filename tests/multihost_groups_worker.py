@@ -31,6 +31,7 @@ def main(coordinator, num_processes, process_id, out_path, steps, layouts):
     times = {"import+init": time.process_time() - t0}
     result = {"process_count": jax.process_count(), "device_count": jax.device_count(), "layouts": {}}
     for layout in layouts.split(";"):
+        t0 = time.process_time()
         cfg = config_for(layout)
         mesh = make_mesh(cfg)
         spec = model_spec(cfg, mesh)
@@ -38,7 +39,6 @@ def main(coordinator, num_processes, process_id, out_path, steps, layouts):
         step_fn = make_train_step(cfg, spec, mesh)
         sh = batch_sharding(mesh)
         lo, hi = host_rows(sh, cfg.batch_size)
-        t0 = time.process_time()
         rng = np.random.default_rng(0)
         losses, shapes = [], set()
         for _ in range(steps):

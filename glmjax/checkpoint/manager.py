@@ -69,7 +69,7 @@ class Checkpointer:
         self._fingerprints = FingerprintStore(self.workdir / FINGERPRINT_DIR, bool(_ckpt_option(cfg, "verify")))
         self._config = config_to_dict(cfg)
         if restart:
-            check_compatible(self.workdir, cfg)
+            check_compatible(self.workdir, cfg, note=False)  # the loop checked (and noted) it already
         elif _on_all_hosts(bool(step_dirs(self.directory)), want=any):  # decided before anything moves
             self._move_aside(self.directory, self.workdir / f"{CHECKPOINT_DIR}.old-{time.strftime('%Y%m%d-%H%M%S')}",
                              "--restart=false: starting over; the old checkpoints")

@@ -57,8 +57,12 @@ def saved_config(workdir) -> dict | None:
     return None
 
 
-def check_compatible(workdir, cfg) -> None:
-    """Raise :class:`ConfigMismatchError` if ``workdir`` holds checkpoints of a different model config."""
+def check_compatible(workdir, cfg, *, note: bool = True) -> None:
+    """Raise :class:`ConfigMismatchError` if ``workdir`` holds checkpoints of a different model config.
+
+    Changes of :data:`NON_STRUCTURAL` model keys and of the mesh are allowed (orbax restores into any
+    mesh); with ``note`` they are logged in one line.
+    """
     old = saved_config(workdir)
     if old is None:
         return
@@ -70,7 +74,10 @@ def check_compatible(workdir, cfg) -> None:
             if a.get(key, "<missing>") != b.get(key, "<missing>"):
                 line = f"{key}: checkpoint has {a.get(key, '<missing>')!r}, this run has {b.get(key, '<missing>')!r}"
                 (allowed if key in NON_STRUCTURAL else diffs).append(line)
-    if allowed and not diffs:
+    a, b = _flatten(old.get("mesh", {}), "mesh."), _flatten(new.get("mesh", {}), "mesh.")
+    allowed += [f"{k}: checkpoint has {a.get(k, '<missing>')!r}, this run has {b.get(k, '<missing>')!r}"
+                for k in sorted(set(a) | set(b)) if a.get(k, "<missing>") != b.get(k, "<missing>")]
+    if note and allowed and not diffs:
         log.info("resuming with changed settings that do not change the saved state: %s", "; ".join(allowed))
     if diffs:
         raise ConfigMismatchError(
