@@ -5,7 +5,10 @@ A *source spec* is a short string naming where the text comes from:
 * ``stdlib`` — the ``.py`` files of the running Python's standard library (no test dirs, no
   site-packages), split train/validation by a hash of each file's relative path;
 * ``text:PATTERN`` — plain text files (glob; ``,`` separates several patterns; ``gs://``, ``s3://`` and
-  other ``scheme://`` patterns go through ``tf.io.gfile``), one document per file,
+  other ``scheme://`` patterns go through ``tf.io.gfile``), streamed line by line: a file is one
+  document, or, past ``TEXT_PIECE_LINES`` (4096) lines, consecutive documents of that many whole
+  lines (a multi-GB shard never sits in memory; a document never spans two files; every line ends
+  in a newline);
   split by a hash of each file's path relative to the matched files' common folder (moving the data
   keeps the split);
 * ``jsonl:PATTERN[@FIELD]`` — JSON-lines files, one document per line, text in ``FIELD`` (default
@@ -182,6 +185,23 @@ def list_files(spec: SourceSpec, split: str, validation_fraction: float = 0.05) 
     return chosen
 
 
+TEXT_PIECE_LINES = 4096  # a text: file is read as documents of up to this many lines (see the module docstring)
+
+
+def text_pieces(path: str) -> Iterator[str]:
+    """The documents of a ``text:`` file, streamed: runs of up to ``TEXT_PIECE_LINES`` whole lines, each
+    line ending in a newline (what the input pipeline reads; bytes that are not UTF-8 become U+FFFD)."""
+    with (_gfile().GFile(path, "rb") if is_url(path) else open(path, "rb")) as f:
+        lines = []
+        for raw in f:
+            lines.append(raw.rstrip(b"\n") + b"\n")
+            if len(lines) == TEXT_PIECE_LINES:
+                yield b"".join(lines).decode("utf-8", errors="replace")
+                lines = []
+        if lines:
+            yield b"".join(lines).decode("utf-8", errors="replace")
+
+
 def read_text(path: str) -> str:
     """The file's text; bytes that are not UTF-8 become U+FFFD."""
     with (_gfile().GFile(path, "rb") if is_url(path) else open(path, "rb")) as f:
@@ -224,6 +244,8 @@ def iter_texts(spec: SourceSpec, split: str, validation_fraction: float = 0.05) 
     for f in files:
         if spec.kind == "jsonl":
             yield from jsonl_texts(f, spec.field, split, validation_fraction)
+        elif spec.kind == "text":
+            yield from text_pieces(f)
         else:
             yield read_text(f)
 
