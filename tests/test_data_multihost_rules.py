@@ -4,7 +4,6 @@ to_global's global shape and its errors, and the collective data decision."""
 import json
 import logging
 
-import jax
 import numpy as np
 import pytest
 import tensorflow as tf
