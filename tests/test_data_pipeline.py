@@ -142,8 +142,9 @@ def test_segments_rebuild_the_documents_exactly(corpus):
     vocab = get_vocabulary(cfg)
     ids = special_ids(vocab)
     assert (ids.mask, ids.smask, ids.gmask, ids.sop, ids.eop) == (3, 4, 5, 6, 7)  # the reference's ids
-    docs = [",".join(map(str, vocab.tokenizer.encode(sources.read_text(p)) + [ids.eos])) + ","
-            for p in sorted(glob.glob(f"{corpus}/docs/*.txt"))]
+    # a text: file's documents: runs of whole lines, each ending in a newline (test_data_streaming.py)
+    docs = [",".join(map(str, vocab.tokenizer.encode(piece) + [ids.eos])) + ","
+            for p in sorted(glob.glob(f"{corpus}/docs/*.txt")) for piece in sources.text_pieces(p)]
     seen = collections.Counter()
     for batch in _take(make_pipeline(cfg, "train", process_index=0, process_count=1), 6):
         for ex in _segments(batch):
