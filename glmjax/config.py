@@ -310,6 +310,10 @@ def validate(cfg, num_devices: int | None = None) -> None:
              f"the loss runs over seq_len/loss_chunk equal chunks; e.g. --config.model.loss_chunk=512")
     _require(0 < m.embedding_grad_shrink <= 1,
              f"model.embedding_grad_shrink={m.embedding_grad_shrink} must lie in (0, 1]: 1 disables it")
+    on_reshard = str(cfg.data.get("on_reshard", "error"))
+    _require(on_reshard in ("error", "restart"),
+             f"data.on_reshard={on_reshard!r} is not 'error' or 'restart': it says what a resume does when "
+             f"the saved data position does not fit the new host / mesh layout; use one of those two")
     if num_devices is None:
         return
     data, fsdp, tensor = resolve_mesh_shape(cfg, num_devices)

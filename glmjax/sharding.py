@@ -41,16 +41,63 @@ log = logging.getLogger(__name__)
 
 
 def make_mesh(cfg, devices=None) -> Mesh:
-    """The ``(data, fsdp, tensor)`` mesh of the config over ``devices`` (default: all devices)."""
-    devices = jax.devices() if devices is None else devices
-    shape = resolve_mesh_shape(cfg, len(devices))
-    try:
-        from jax.experimental import mesh_utils
+    """The ``(data, fsdp, tensor)`` mesh of the config over ``devices`` (default: all devices).
 
-        grid = mesh_utils.create_device_mesh(shape, devices=devices)
-    except Exception:  # irregular device sets (tests, odd slices): plain row-major order
-        grid = np.asarray(devices).reshape(shape)
-    return Mesh(grid, MESH_AXES)
+    TPU (and GPU) devices are laid out by ``mesh_utils.create_device_mesh``, so that each mesh axis
+    follows the physical torus; if the shape only fits by splitting a physical axis, that is done and
+    logged (``allow_split_physical_axes``). A shape that cannot follow the topology is a
+    ``ConfigError`` naming shapes that can -- never a silent fallback to row-major order. CPU devices
+    (tests, fake devices) have no topology: they are taken process by process, in id order, so each
+    host's devices are adjacent along the mesh (the one documented fallback).
+    """
+    devices = jax.devices() if devices is None else list(devices)
+    shape = resolve_mesh_shape(cfg, len(devices))
+    return Mesh(device_grid(shape, devices), MESH_AXES)
+
+
+def device_grid(shape, devices) -> np.ndarray:
+    """The devices as an array of ``shape`` (data, fsdp, tensor) that follows their topology; see make_mesh."""
+    from glmjax.config import ConfigError
+
+    shape = tuple(int(s) for s in shape)
+    if devices[0].platform == "cpu":
+        return np.asarray(sorted(devices, key=lambda d: (d.process_index, d.id)), dtype=object).reshape(shape)
+    grid, err = _topology_grid(shape, devices)
+    if grid is not None:
+        return grid
+    good = [s for s in _candidate_shapes(len(devices), shape) if _topology_grid(s, devices, log_split=False)[0]
+            is not None][:3]
+    fixes = " or ".join(f"--config.mesh.data={d} --config.mesh.fsdp={f} --config.mesh.tensor={t}" for d, f, t in good)
+    fix = (f"use a mesh that can, e.g. {fixes}" if fixes else
+           "no (data, fsdp, tensor) shape fits these devices: run on whole slices (all devices of each host)")
+    raise ConfigError(
+        f"mesh (data, fsdp, tensor)={shape} cannot follow the physical topology of these {len(devices)} "
+        f"{devices[0].platform.upper()} devices ({err[:200]}), so it would not give each axis neighbouring "
+        f"chips. Fix: {fix}")
+
+
+def _topology_grid(shape, devices, log_split: bool = True):
+    """``(grid, None)`` from ``create_device_mesh`` (splitting physical axes if needed), or ``(None, why)``."""
+    from jax.experimental import mesh_utils
+
+    try:
+        return mesh_utils.create_device_mesh(shape, devices=devices), None
+    except (ValueError, NotImplementedError, AssertionError) as e:
+        err = e
+    try:
+        grid = mesh_utils.create_device_mesh(shape, devices=devices, allow_split_physical_axes=True)
+    except (ValueError, NotImplementedError, AssertionError):
+        return None, str(err).splitlines()[0] if str(err) else type(err).__name__
+    if log_split:
+        log.info("mesh %s splits a physical axis of the device topology (%s)", shape, str(err).splitlines()[0])
+    return grid, None
+
+
+def _candidate_shapes(n: int, wanted):
+    """(data, fsdp, tensor) shapes over ``n`` devices, closest to ``wanted`` first (same tensor, then fsdp)."""
+    divs = [d for d in range(1, n + 1) if n % d == 0]
+    shapes = [(n // (f * t), f, t) for t in divs for f in divs if n % (f * t) == 0]
+    return sorted(shapes, key=lambda s: (s[2] != wanted[2], abs(np.log2(s[1]) - np.log2(wanted[1])), s))
 
 
 def spec_for(axes, shape, mesh: Mesh, rules=None) -> P:

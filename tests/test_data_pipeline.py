@@ -142,8 +142,9 @@ def test_segments_rebuild_the_documents_exactly(corpus):
     vocab = get_vocabulary(cfg)
     ids = special_ids(vocab)
     assert (ids.mask, ids.smask, ids.gmask, ids.sop, ids.eop) == (3, 4, 5, 6, 7)  # the reference's ids
-    docs = [",".join(map(str, vocab.tokenizer.encode(sources.read_text(p)) + [ids.eos])) + ","
-            for p in sorted(glob.glob(f"{corpus}/docs/*.txt"))]
+    # a text: file's documents: runs of whole lines, each ending in a newline (test_data_streaming.py)
+    docs = [",".join(map(str, vocab.tokenizer.encode(piece) + [ids.eos])) + ","
+            for p in sorted(glob.glob(f"{corpus}/docs/*.txt")) for piece in sources.text_pieces(p)]
     seen = collections.Counter()
     for batch in _take(make_pipeline(cfg, "train", process_index=0, process_count=1), 6):
         for ex in _segments(batch):
@@ -166,7 +167,9 @@ def test_packed_segments_never_see_each_other_through_the_model_mask(corpus):
     from pallas_kernels.reference import attention_xla, glm_mask
 
     cfg = _cfg(corpus)
-    batches = _take(make_pipeline(cfg, "train", process_index=0, process_count=1), 4)
+    # 8 batches: enough rows that hold several segments (3 of 64 here, 3 of 64 when text: files were
+    # read whole; which rows depends on the exact token stream)
+    batches = _take(make_pipeline(cfg, "train", process_index=0, process_count=1), 8)
     seg = np.concatenate([b["segment_ids"] for b in batches])
     bidir = np.concatenate([b["bidirectional"] for b in batches])
     assert (seg.max(axis=1) >= 2).sum() >= 2
@@ -201,7 +204,7 @@ def test_host_shards_are_disjoint_and_cover_the_split(corpus):
 
     spec = sources.parse_spec(f"text:{corpus}/docs/*.txt")
     src = FileSource(spec, validation_fraction=0.05)
-    everything = sorted(sources.read_text(p) for p in sources.list_files(spec, "train"))
+    everything = sorted(t for p in sources.list_files(spec, "train") for t in sources.text_pieces(p))
     for count in (2, 3, len(everything) + 3):  # the last: fewer files than processes, sharded by document
         shards = []
         for index in range(count):

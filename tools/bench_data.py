@@ -42,8 +42,8 @@ class _TimedIterator:
     def get_state(self):
         return self.pipe.get_state()
 
-    def set_state(self, state):
-        self.pipe.set_state(state)
+    def set_state(self, state, others=()):
+        self.pipe.set_state(state, others)
 
     def close(self):
         self.pipe.close()

@@ -69,7 +69,7 @@ class Checkpointer:
         self._fingerprints = FingerprintStore(self.workdir / FINGERPRINT_DIR, bool(_ckpt_option(cfg, "verify")))
         self._config = config_to_dict(cfg)
         if restart:
-            check_compatible(self.workdir, cfg)
+            check_compatible(self.workdir, cfg, note=False)  # the loop checked (and noted) it already
         elif _on_all_hosts(bool(step_dirs(self.directory)), want=any):  # decided before anything moves
             self._move_aside(self.directory, self.workdir / f"{CHECKPOINT_DIR}.old-{time.strftime('%Y%m%d-%H%M%S')}",
                              "--restart=false: starting over; the old checkpoints")
@@ -177,14 +177,22 @@ class Checkpointer:
             saved = list((step_dir / "data").glob("process_*.json")) if (step_dir / "data").exists() else []
             if not saved:
                 raise FileNotFoundError(f"item 'data' is missing ({step_dir / 'data'})")
-            log.warning("checkpoint step %d has data-iterator state for %d host(s) but none for host %d: "
-                        "the host count changed, so this host's data restarts from its beginning",
-                        step, len(saved), jax.process_index())
+            log.warning("checkpoint step %d has data-iterator state for %d host(s) but none for host %d "
+                        "(the host count changed); the input pipeline decides on every host together "
+                        "(data.on_reshard)", step, len(saved), jax.process_index())
         args = {"state": ocp.args.StandardRestore(abstract_state)}
         if has_data:
             args["data"] = ocp.args.JsonRestore()
         restored = self._mngr.restore(step, args=ocp.args.Composite(**args))
         return restored["state"], (restored["data"] if has_data else None)
+
+    def saved_data_states(self, step: int):
+        """Every host's saved data-iterator state of ``step``, read lazily one file at a time in process
+        order (a host whose own state does not fit after a host-count change looks for its row group)."""
+        data_dir = self.directory / str(step) / "data"
+        files = list(data_dir.glob("process_*.json")) if data_dir.exists() else []
+        for path in sorted(files, key=lambda p: int(p.stem.rpartition("_")[2] or 0)):
+            yield json.loads(path.read_text())
 
     def _check_step(self, step: int, state) -> None:
         self._fingerprints.check(step, state)

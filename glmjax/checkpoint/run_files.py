@@ -2,13 +2,19 @@
 from __future__ import annotations
 
 import json
+import logging
 
 from etils import epath
 
 from glmjax.config import ConfigError
 
+log = logging.getLogger("glmjax.checkpoint")
+
 CHECKPOINT_DIR = "checkpoints"
 MODEL_SECTIONS = ("model",)  # config sections that define the shapes of the saved state
+# model keys that change how the step computes, not what the state holds: a resume may change them
+# (scan_layers is structural: scanned layers are saved stacked along a "layers" axis)
+NON_STRUCTURAL = ("model.remat", "model.attention_impl")
 
 
 class ConfigMismatchError(ConfigError):
@@ -51,19 +57,28 @@ def saved_config(workdir) -> dict | None:
     return None
 
 
-def check_compatible(workdir, cfg) -> None:
-    """Raise :class:`ConfigMismatchError` if ``workdir`` holds checkpoints of a different model config."""
+def check_compatible(workdir, cfg, *, note: bool = True) -> None:
+    """Raise :class:`ConfigMismatchError` if ``workdir`` holds checkpoints of a different model config.
+
+    Changes of :data:`NON_STRUCTURAL` model keys and of the mesh are allowed (orbax restores into any
+    mesh); with ``note`` they are logged in one line.
+    """
     old = saved_config(workdir)
     if old is None:
         return
     new = config_to_dict(cfg)
-    diffs = []
+    diffs, allowed = [], []
     for section in MODEL_SECTIONS:
         a, b = _flatten(old.get(section, {}), section + "."), _flatten(new.get(section, {}), section + ".")
         for key in sorted(set(a) | set(b)):
             if a.get(key, "<missing>") != b.get(key, "<missing>"):
-                diffs.append(f"{key}: checkpoint has {a.get(key, '<missing>')!r}, this run has "
-                             f"{b.get(key, '<missing>')!r}")
+                line = f"{key}: checkpoint has {a.get(key, '<missing>')!r}, this run has {b.get(key, '<missing>')!r}"
+                (allowed if key in NON_STRUCTURAL else diffs).append(line)
+    a, b = _flatten(old.get("mesh", {}), "mesh."), _flatten(new.get("mesh", {}), "mesh.")
+    allowed += [f"{k}: checkpoint has {a.get(k, '<missing>')!r}, this run has {b.get(k, '<missing>')!r}"
+                for k in sorted(set(a) | set(b)) if a.get(k, "<missing>") != b.get(k, "<missing>")]
+    if note and allowed and not diffs:
+        log.info("resuming with changed settings that do not change the saved state: %s", "; ".join(allowed))
     if diffs:
         raise ConfigMismatchError(
             f"the workdir {workdir} holds checkpoints of a different model, so this run cannot resume "

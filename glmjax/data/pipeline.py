@@ -1,12 +1,18 @@
 """The input pipeline the training loop consumes: per-host batches, deterministic and resumable.
 
-``make_pipeline(cfg, "train")`` gives an endless iterator of this process's share of each global
-batch (``cfg.batch_size // process_count`` rows of ``cfg.seq_len``), shuffled by ``cfg.seed``;
-``"validation"`` is unshuffled and repeats, so a fresh validation pipeline always yields the same
-batches. ``to_global`` assembles the hosts' batches into global ``jax.Array``s.
+``make_pipeline(cfg, "train")`` gives an endless iterator of the rows of each global batch that this
+process's devices hold, shuffled by ``cfg.seed``; ``"validation"`` is unshuffled and repeats, so a
+fresh validation pipeline always yields the same batches. ``to_global`` assembles the hosts' rows into
+global ``jax.Array``s of shape ``(batch_size, seq_len)``.
 
-Determinism and resumption: the batches are a pure function of (config, split, process index and
-count). Every ``data.snapshot_every`` batches the prefetch thread snapshots the tf.data iterator
+Row groups: the batch sharding (``sharding.batch_sharding``) splits the global batch into
+``data * fsdp`` equal row slices; a process holds the slices of its devices (:func:`host_rows`), one
+contiguous range ``[lo, hi)``. The data is sharded by *row group* (``lo // (hi - lo)`` of
+``batch_size // (hi - lo)``), not by process: processes whose devices hold the same rows (a tensor or
+fsdp group spanning hosts) build identical streams and feed identical rows.
+
+Determinism and resumption: the batches are a pure function of (config, split, row group and
+group count). Every ``data.snapshot_every`` batches the prefetch thread snapshots the tf.data iterator
 (shuffle buffers, file positions, packer state; ``snapshot.py``). ``get_state()`` returns the number
 of batches this host consumed plus the latest snapshot at or before it; ``set_state()`` rebuilds the
 pipeline, restores the snapshot and recomputes only the batches after it (fewer than
@@ -31,6 +37,7 @@ import seqio
 import tensorflow as tf
 
 from glmjax.data import snapshot, tasks
+from glmjax.data.global_batch import host_rows, row_group, to_global
 from glmjax.data.features import MODEL_FEATURES, GLMFeatureConverter
 from glmjax.data.vocab import get_vocabulary
 
@@ -46,7 +53,7 @@ except RuntimeError:  # TF already initialised its devices; nothing to do
 def _local_batch_size(cfg, process_count: int) -> int:
     if cfg.batch_size % process_count:
         raise ValueError(
-            f"batch_size={cfg.batch_size} is not divisible by the {process_count} processes: each host "
+            f"batch_size={cfg.batch_size} is not divisible by the {process_count} row groups: each group "
             f"feeds an equal share. Fix: a batch_size that is a multiple of {process_count}."
         )
     return cfg.batch_size // process_count
@@ -211,20 +218,52 @@ class Pipeline:
                 state["snapshot"] = {"batches": position, "iterator": snap}
         return state
 
-    def set_state(self, state: dict) -> None:
+    _STREAM_KEYS = ("version", "split", "process_index", "process_count", "batch_size", "seq_len", "seed", "task")
+
+    def _misfit(self, state: dict | None, mine: dict) -> str | None:
+        """Why ``state`` is not a position in this pipeline's stream, or None if it is."""
+        if state is None:
+            return "no saved data-iterator state for this host (the host count changed)"
+        for key in self._STREAM_KEYS:
+            if state.get(key) != mine[key]:
+                return f"data iterator state has {key}={state.get(key)!r} but this run has {mine[key]!r}"
+        return None
+
+    def set_state(self, state: dict | None, others=()) -> None:
         """Continues with exactly the batches the uninterrupted iterator would give after ``state``.
 
         Restores the state's iterator snapshot (if any) and recomputes only the batches after it.
+        ``state=None`` means this host has no saved state (the host count changed). ``others`` (every
+        host's saved state, lazily) is searched when ``state`` does not fit: a state saved for this
+        host's row group by another process continues the same stream, so a resume on more or fewer
+        hosts with the same row groups (e.g. a tensor or fsdp group that spanned hosts now within one)
+        loses and repeats nothing. With several processes this is collective: every host calls it and
+        all take one decision. If some host finds no fitting state, every host raises the same error,
+        or with ``data.on_reshard="restart"`` every host starts the data over (logged; repeats data).
         """
         mine = self.get_state()
-        for key in ("version", "split", "process_count", "batch_size", "seq_len", "seed", "task"):
-            if state.get(key) != mine[key]:
-                raise ValueError(
-                    f"data iterator state has {key}={state.get(key)!r} but this run has {mine[key]!r}: the "
-                    "saved position means nothing in a different stream. Fix: resume with the same data "
-                    "settings and process count, or start the data from scratch (do not restore 'data')."
-                )
-        self._start(int(state["batches"]), state.get("snapshot"))
+        problem = self._misfit(state, mine)
+        if problem is not None:
+            for other in others:
+                if self._misfit(other, mine) is None:
+                    log.info("data %s: %s; continuing from the state another host saved for row group %d of %d",
+                             self.split, problem, self.process_index, self.process_count)
+                    state, problem = other, None
+                    break
+        if _all_processes(problem is None):
+            self._start(int(state["batches"]), state.get("snapshot"))
+            return
+        problem = problem or "another host's saved data-iterator state does not fit its row group (see its log)"
+        if str(self.cfg.data.get("on_reshard", "error")) == "restart":
+            log.warning("%s: every host starts the %s data from its beginning (data.on_reshard=restart); "
+                        "batches seen before the checkpoint are seen again", problem, self.split)
+            self._start(0, None)
+            return
+        raise ValueError(
+            f"{problem}: no saved position fits this host's row group (the data is sharded by row group = "
+            "the batch rows a host's devices hold; the host count or mesh.data/fsdp changed them). Fix: resume "
+            "with the same mesh and host layout; or pass --config.data.on_reshard=restart to start the data "
+            "over on every host (repeats data).")
 
     def close(self) -> None:
         if self._prefetcher is not None:
@@ -232,18 +271,36 @@ class Pipeline:
             self._prefetcher = None
 
 
-def make_pipeline(cfg, split: str, *, process_index: int | None = None, process_count: int | None = None) -> Pipeline:
-    """This host's batch iterator for ``split`` ('train' or 'validation')."""
-    process_index = jax.process_index() if process_index is None else process_index
-    process_count = jax.process_count() if process_count is None else process_count
+def _all_processes(flag: bool) -> bool:
+    """True iff ``flag`` holds on every process (one answer all hosts agree on; collective)."""
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+
+    return bool(np.asarray(multihost_utils.process_allgather(np.int32(flag))).all())
+
+
+def make_pipeline(cfg, split: str, *, process_index: int | None = None, process_count: int | None = None,
+                  sharding: jax.sharding.Sharding | None = None) -> Pipeline:
+    """This host's batch iterator for ``split`` ('train' or 'validation').
+
+    ``process_index`` / ``process_count`` name the row group explicitly (tests, tools); by default it
+    comes from ``sharding`` (default: ``batch_sharding(make_mesh(cfg))``) with several processes, and
+    is ``(0, 1)`` with one.
+    """
+    if process_index is None and process_count is None:
+        if sharding is None and jax.process_count() > 1:
+            from glmjax.sharding import batch_sharding, make_mesh
+
+            sharding = batch_sharding(make_mesh(cfg))
+        process_index, process_count = row_group(sharding, int(cfg.batch_size)) if sharding is not None else (0, 1)
+        log.info("data %s: row group %d of %d (process %d of %d)", split, process_index, process_count,
+                 jax.process_index(), jax.process_count())
+    elif process_index is None or process_count is None:
+        raise ValueError("pass both process_index and process_count (the row group), or neither")
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index={process_index} is not in [0, process_count={process_count})")
     return Pipeline(cfg, split, process_index, process_count)
 
 
-def to_global(batch: dict[str, np.ndarray], sharding: jax.sharding.NamedSharding) -> dict[str, jax.Array]:
-    """Assembles every host's local batch into global arrays sharded over the batch dimension."""
-    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
-
-
-__all__ = ["MODEL_FEATURES", "Pipeline", "build_dataset", "make_pipeline", "to_global"]
+__all__ = ["MODEL_FEATURES", "Pipeline", "build_dataset", "host_rows", "make_pipeline", "row_group", "to_global"]

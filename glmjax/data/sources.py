@@ -4,7 +4,11 @@ A *source spec* is a short string naming where the text comes from:
 
 * ``stdlib`` — the ``.py`` files of the running Python's standard library (no test dirs, no
   site-packages), split train/validation by a hash of each file's relative path;
-* ``text:PATTERN`` — plain text files (glob; ``,`` separates several patterns), one document per file,
+* ``text:PATTERN`` — plain text files (glob; ``,`` separates several patterns; ``gs://``, ``s3://`` and
+  other ``scheme://`` patterns go through ``tf.io.gfile``), streamed line by line: a file is one
+  document, or, past ``TEXT_PIECE_LINES`` (4096) lines, consecutive documents of that many whole
+  lines (a multi-GB shard never sits in memory; a document never spans two files; every line ends
+  in a newline);
   split by a hash of each file's path relative to the matched files' common folder (moving the data
   keeps the split);
 * ``jsonl:PATTERN[@FIELD]`` — JSON-lines files, one document per line, text in ``FIELD`` (default
@@ -84,11 +88,49 @@ def _stdlib_files() -> list[str]:
     return out
 
 
+def is_url(path: str) -> bool:
+    """``gs://...``, ``s3://...``, ``ram://...``: read through ``tf.io.gfile``, not the local filesystem."""
+    return "://" in path
+
+
+def _gfile():
+    import tensorflow as tf
+
+    return tf.io.gfile
+
+
+def file_size(path: str) -> int:
+    return _gfile().stat(path).length if is_url(path) else os.path.getsize(path)
+
+
+def _url_glob(pat: str) -> list[str]:
+    gfile = _gfile()
+    hits = gfile.glob(pat) if glob.has_magic(pat) else ([pat] if gfile.exists(pat) else [])
+    return sorted(p for p in hits if not gfile.isdir(p))
+
+
+def _relative(path: str, root: str) -> str:
+    if is_url(path):
+        return path[len(root):].lstrip("/") if path.startswith(root) else path
+    return os.path.relpath(path, root)
+
+
+def _common_root(files: list[str]) -> str:
+    if not is_url(files[0]):
+        return os.path.commonpath(files) if len(files) > 1 else os.path.dirname(files[0])
+    prefix = os.path.commonprefix(files) if len(files) > 1 else files[0]
+    return prefix[:prefix.rfind("/") + 1]
+
+
 def _glob_files(pattern: str) -> list[str]:
     files = []
     for pat in pattern.split(","):
-        pat = os.path.expanduser(pat.strip())
-        hits = sorted(p for p in glob.glob(pat, recursive=True) if os.path.isfile(p))
+        pat = pat.strip()
+        if is_url(pat):
+            hits = _url_glob(pat)
+        else:
+            pat = os.path.expanduser(pat)
+            hits = sorted(p for p in glob.glob(pat, recursive=True) if os.path.isfile(p))
         if not hits:
             why = "does not exist" if not glob.has_magic(pat) else "matches no file"
             raise FileNotFoundError(
@@ -119,16 +161,17 @@ def list_files(spec: SourceSpec, split: str, validation_fraction: float = 0.05) 
     elif spec.kind in ("text", "jsonl"):
         files = _glob_files(spec.pattern)
         # keyed relative to the files' common folder: moving the data elsewhere keeps the same split
-        common = os.path.commonpath(files) if len(files) > 1 else os.path.dirname(files[0])
-        rel = lambda p: os.path.relpath(p, common)  # noqa: E731
+        common = _common_root(files)
+        rel = lambda p: _relative(p, common)  # noqa: E731
     else:
         raise ValueError(f"source kind {spec.kind!r} has no files")
-    empty = [f for f in files if os.path.getsize(f) == 0]
+    sizes = {f: file_size(f) for f in files}
+    empty = [f for f in files if sizes[f] == 0]
     if empty:
         # the standard library ships empty __init__.py files: expected there, worth a note elsewhere
         log.log(logging.DEBUG if spec.kind == "stdlib" else logging.WARNING,
                 "data source %s: skipped %d empty file(s), e.g. %s", spec.key, len(empty), empty[0])
-        files = [f for f in files if os.path.getsize(f) > 0]
+        files = [f for f in files if sizes[f] > 0]
     if not files:
         raise FileNotFoundError(f"data source {spec.key}: every matched file is empty")
     if spec.kind == "jsonl" or len(files) == 1:
@@ -142,9 +185,26 @@ def list_files(spec: SourceSpec, split: str, validation_fraction: float = 0.05) 
     return chosen
 
 
+TEXT_PIECE_LINES = 4096  # a text: file is read as documents of up to this many lines (see the module docstring)
+
+
+def text_pieces(path: str) -> Iterator[str]:
+    """The documents of a ``text:`` file, streamed: runs of up to ``TEXT_PIECE_LINES`` whole lines, each
+    line ending in a newline (what the input pipeline reads; bytes that are not UTF-8 become U+FFFD)."""
+    with (_gfile().GFile(path, "rb") if is_url(path) else open(path, "rb")) as f:
+        lines = []
+        for raw in f:
+            lines.append(raw.rstrip(b"\n") + b"\n")
+            if len(lines) == TEXT_PIECE_LINES:
+                yield b"".join(lines).decode("utf-8", errors="replace")
+                lines = []
+        if lines:
+            yield b"".join(lines).decode("utf-8", errors="replace")
+
+
 def read_text(path: str) -> str:
     """The file's text; bytes that are not UTF-8 become U+FFFD."""
-    with open(path, "rb") as f:
+    with (_gfile().GFile(path, "rb") if is_url(path) else open(path, "rb")) as f:
         return f.read().decode("utf-8", errors="replace")
 
 
@@ -163,7 +223,7 @@ def jsonl_line_text(path: str, index: int, raw: bytes, field: str, split: str,
 
 def jsonl_texts(path: str, field: str, split: str, validation_fraction: float) -> Iterator[str]:
     """Texts of the lines of one JSONL file that belong to ``split``; bad lines are logged, skipped."""
-    with open(path, "rb") as f:
+    with (_gfile().GFile(path, "rb") if is_url(path) else open(path, "rb")) as f:
         for i, raw in enumerate(f):
             text = jsonl_line_text(path, i, raw, field, split, validation_fraction)
             if text is not None:
@@ -184,6 +244,8 @@ def iter_texts(spec: SourceSpec, split: str, validation_fraction: float = 0.05) 
     for f in files:
         if spec.kind == "jsonl":
             yield from jsonl_texts(f, spec.field, split, validation_fraction)
+        elif spec.kind == "text":
+            yield from text_pieces(f)
         else:
             yield read_text(f)
 

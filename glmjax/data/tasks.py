@@ -68,6 +68,10 @@ class FileSource(seqio.DataSource):
             ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
         if self.spec.kind == "jsonl":
             ds = ds.flat_map(functools.partial(self._jsonl_texts, split=split))
+        elif self.spec.kind == "text":  # streamed: pieces of whole lines, never the whole file in memory
+            ds = ds.flat_map(lambda path: tf.data.TextLineDataset(path, buffer_size=1 << 20)
+                             .batch(sources.TEXT_PIECE_LINES))
+            ds = ds.map(lambda lines: tf.strings.reduce_join(lines + "\n"))
         else:
             ds = ds.map(tf.io.read_file, num_parallel_calls=tf.data.AUTOTUNE)
         ds = ds.map(lambda raw: {"text": tf.strings.unicode_transcode(

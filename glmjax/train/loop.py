@@ -10,6 +10,7 @@ step ``s`` is the training loss of the batch of update ``s``; ``eval_loss`` at `
 """
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import time
@@ -109,9 +110,12 @@ def train(cfg, workdir: str, *, restart: bool = True, pipelines=None) -> dict:
     if restored is None:
         state = init_state(cfg, spec)
     else:
-        state, data_state, _ = restored
-        if data_state is not None:
-            train_iter.set_state(data_state)
+        state, data_state, restored_step = restored
+        if data_state is not None or jax.process_count() > 1:  # collective: every host takes one decision
+            if "others" in inspect.signature(train_iter.set_state).parameters:  # the host count may differ
+                train_iter.set_state(data_state, others=ckpt.saved_data_states(restored_step))
+            else:
+                train_iter.set_state(data_state)
     start = int(jax.device_get(state.step))
     if start >= cfg.steps:
         if hasattr(train_iter, "close"):

@@ -1,0 +1,86 @@
+"""The mesh follows the device topology or fails with a fix (fake TPU devices with coordinates), CPU
+devices are laid out process by process, and bad mesh / batch input fails before anything compiles."""
+import dataclasses
+import itertools
+import logging
+
+import jax
+import numpy as np
+import pytest
+from jax.experimental import mesh_utils
+
+from glmjax.config import ConfigError, load_config
+from glmjax.sharding import device_grid, make_mesh
+from test_train import TINY
+
+
+@dataclasses.dataclass(frozen=True)
+class FakeTpu:
+    id: int
+    process_index: int
+    coords: tuple
+    core_on_chip: int = 0
+    slice_index: int = 0
+    platform: str = "tpu"
+    device_kind: str = "TPU v5"  # v5p: one core per chip, 4 chips per host
+
+
+def fake_slice(x, y, z):
+    """Chips of an x*y*z torus in jax.devices() order (x fastest), 4 per host."""
+    coords = [(i, j, k) for k, j, i in itertools.product(range(z), range(y), range(x))]
+    return [FakeTpu(n, n // 4, c) for n, c in enumerate(coords)]
+
+
+def ids(grid):
+    return np.vectorize(lambda d: d.id)(grid)
+
+
+def test_tpu_mesh_follows_the_torus_and_splits_axes_only_when_it_must(caplog):
+    devs = fake_slice(4, 4, 4)  # v5p-128: the shape of the issue, fsdp=8 x tensor=8 over a 4x4x4 torus
+    with caplog.at_level(logging.INFO, logger="glmjax.sharding"):
+        grid = device_grid((1, 8, 8), devs)
+    want = mesh_utils.create_device_mesh((1, 8, 8), devices=devs, allow_split_physical_axes=True)
+    np.testing.assert_array_equal(ids(grid), ids(want))  # topology-aware, not reshaped jax.devices()
+    assert not np.array_equal(ids(grid).ravel(), np.arange(64))
+    assert "splits a physical axis" in caplog.text
+    # each tensor group is a compact 2x2x2 (or 4x2x1) block of neighbouring chips
+    for group in grid.reshape(8, 8):
+        span = np.ptp(np.array([d.coords for d in group]), axis=0) + 1
+        assert int(np.prod(span)) == 8, span
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="glmjax.sharding"):
+        grid = device_grid((4, 4, 4), devs)  # one physical axis per mesh axis: no split needed
+    np.testing.assert_array_equal(ids(grid), ids(mesh_utils.create_device_mesh((4, 4, 4), devices=devs)))
+    assert "splits" not in caplog.text
+
+
+def test_tpu_devices_that_are_no_slice_are_an_error_with_a_fix():
+    devs = fake_slice(2, 2, 2)
+    holed = devs[:3] + [dataclasses.replace(devs[3], coords=(5, 5, 5))]
+    with pytest.raises(ConfigError, match=r"mesh \(data, fsdp, tensor\)=\(1, 2, 2\) cannot follow the physical "
+                                          r"topology of these 4 TPU devices.*Fix: .*whole slices"):
+        device_grid((1, 2, 2), holed)
+
+
+def test_cpu_mesh_is_process_major_and_bad_shapes_fail_before_compile():
+    mesh = make_mesh(load_config(TINY, ["--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2"]))
+    flat = list(mesh.devices.ravel())
+    assert flat == sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
+    with pytest.raises(ConfigError, match="the mesh must use every device exactly once"):
+        make_mesh(load_config(TINY, ["--config.mesh.data=3"]))
+
+
+def test_batch_not_divisible_by_data_parallel_size_fails_before_compile(tmp_path, monkeypatch):
+    from glmjax.train import loop
+
+    def no_compile(*a, **k):
+        raise AssertionError("compiled before the config error")
+
+    monkeypatch.setattr(loop, "make_train_step", no_compile)
+    monkeypatch.setattr(loop, "make_mesh", no_compile)
+    cfg = load_config(TINY, ["--config.batch_size=12", "--config.mesh.data=8", "--config.mesh.fsdp=1",
+                             "--config.mesh.tensor=1"])
+    with pytest.raises(ConfigError, match=r"batch_size=12 is not divisible by data-parallel size "
+                                          r"mesh.data\*mesh.fsdp=8 .*multiple of 8"):
+        loop.train(cfg, str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
