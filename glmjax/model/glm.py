@@ -14,7 +14,7 @@ from flax import nnx
 
 from glmjax.model.attention import Attention
 from glmjax.model.layers import GatedMLP, Norm, dense, dtype_of, param
-from glmjax.sharding import constrain
+from glmjax.sharding import constrain, residual_axes
 
 REMAT = {
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -36,15 +36,21 @@ class Block(nnx.Module):
         self.attn = Attention(cfg, rngs, v_std=out_std, out_std=out_std)
         self.mlp_norm = Norm(cfg, rngs)
         self.mlp = GatedMLP(cfg, rngs, out_std=out_std)
+        self.residual_axes = residual_axes(cfg)
 
     def __call__(self, x_BTD, feats, mesh=None):
         if self.deepnorm:
-            x_BTD = self.attn_norm(self.alpha * x_BTD + self.attn(x_BTD, feats, mesh))
-            x_BTD = self.mlp_norm(self.alpha * x_BTD + self.mlp(x_BTD))
+            # alpha*x + f(x) summed in float32: in bf16 the rounding of alpha*x (alpha ~ 12 at 70
+            # layers) is a large fraction of f(x). XLA fuses the casts into the LayerNorm.
+            dt, f32 = x_BTD.dtype, jnp.float32
+            h = self.alpha * x_BTD.astype(f32) + self.attn(x_BTD, feats, mesh).astype(f32)
+            x_BTD = self.attn_norm(h).astype(dt)
+            h = self.alpha * x_BTD.astype(f32) + self.mlp(x_BTD).astype(f32)
+            x_BTD = self.mlp_norm(h).astype(dt)
         else:
             x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), feats, mesh)
             x_BTD = x_BTD + self.mlp(self.mlp_norm(x_BTD))
-        return constrain(x_BTD, ("batch", "length", "act_embed"))
+        return constrain(x_BTD, self.residual_axes)
 
 
 class GLM(nnx.Module):
@@ -86,7 +92,7 @@ class GLM(nnx.Module):
         if cfg.embedding_grad_shrink < 1.0:
             a = cfg.embedding_grad_shrink
             x = a * x + (1.0 - a) * jax.lax.stop_gradient(x)
-        x = constrain(x, ("batch", "length", "act_embed"))
+        x = constrain(x, residual_axes(cfg))
 
         def run(block, x):
             return block(x, feats, mesh)
