@@ -44,11 +44,12 @@ class Block(nnx.Module):
             # layers) is a large fraction of f(x). XLA fuses the casts into the LayerNorm.
             dt, f32 = x_BTD.dtype, jnp.float32
             h = self.alpha * x_BTD.astype(f32) + self.attn(x_BTD, feats, mesh).astype(f32)
-            x_BTD = self.attn_norm(h).astype(dt)
+            x_BTD = constrain(self.attn_norm(h).astype(dt), self.residual_axes)
             h = self.alpha * x_BTD.astype(f32) + self.mlp(x_BTD).astype(f32)
             x_BTD = self.mlp_norm(h).astype(dt)
         else:
             x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), feats, mesh)
+            x_BTD = constrain(x_BTD, self.residual_axes)  # sequence parallel: reduce-scatter here
             x_BTD = x_BTD + self.mlp(self.mlp_norm(x_BTD))
         return constrain(x_BTD, self.residual_axes)
 
