@@ -5,8 +5,10 @@
 
 Cost: GLM-130B trained 400B tokens, about 3.1e23 FLOPs: ~60 days on 768 A100s at the paper's
 ~33% utilisation; on a TPU v5p-1024 at 50% MFU about 14 days. Parallelism: fsdp over all chips
-with tensor=8 inside a host (heads 96 divide by 8). Objective as in the paper: 30% [MASK] (Poisson
-spans), 70% [gMASK] (suffix); embedding gradient shrink 0.1; DeepNorm alpha=(2N)^0.5; tied embeddings.
+with tensor=8 inside a host (heads 96 divide by 8), and sequence parallelism over tensor
+(``model.sequence_parallel``): the TPU compiler puts the train step at 91.7 GB per chip on a
+v5p-1024 (fits, 11.1 GB free; without it 271.7 GB, refused; docs/benchmarks.md). Objective as in
+the paper: 30% [MASK] (Poisson spans), 70% [gMASK] (suffix); embedding gradient shrink 0.1; DeepNorm alpha=(2N)^0.5; tied embeddings.
 """
 from glmjax.config import base_config
 
@@ -36,6 +38,7 @@ def get_config():
     m.dtype = "bfloat16"
     m.param_dtype = "float32"
     m.remat = "full"
+    m.sequence_parallel = True  # residual stream split over tensor along length between blocks
     m.attention_impl = "auto"
     c.optimizer.lr = 8e-5
     c.optimizer.warmup_steps = 500
