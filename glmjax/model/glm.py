@@ -23,6 +23,13 @@ REMAT = {
 }
 
 
+def deepnorm_residual(alpha: float, x, f):
+    """DeepNorm's ``alpha * x + f`` summed in float32 (the LayerNorm after it is float32 anyway):
+    in bf16 the rounding of ``alpha * x`` (alpha ~ 12 at 70 layers, ulp 1/16 at |alpha x| ~ 12) is
+    12-35% (RMS) of a sublayer output of std 0.3-0.1. XLA fuses the casts into the LayerNorm."""
+    return alpha * x.astype(jnp.float32) + f.astype(jnp.float32)
+
+
 class Block(nnx.Module):
     """One transformer layer. DeepNorm: ``x = LN(alpha*x + f(x))``; pre-norm: ``x = x + f(RMS(x))``."""
 
@@ -40,13 +47,10 @@ class Block(nnx.Module):
 
     def __call__(self, x_BTD, feats, mesh=None):
         if self.deepnorm:
-            # alpha*x + f(x) summed in float32: in bf16 the rounding of alpha*x (alpha ~ 12 at 70
-            # layers) is a large fraction of f(x). XLA fuses the casts into the LayerNorm.
-            dt, f32 = x_BTD.dtype, jnp.float32
-            h = self.alpha * x_BTD.astype(f32) + self.attn(x_BTD, feats, mesh).astype(f32)
+            dt = x_BTD.dtype
+            h = deepnorm_residual(self.alpha, x_BTD, self.attn(x_BTD, feats, mesh))
             x_BTD = constrain(self.attn_norm(h).astype(dt), self.residual_axes)
-            h = self.alpha * x_BTD.astype(f32) + self.mlp(x_BTD).astype(f32)
-            x_BTD = self.mlp_norm(h).astype(dt)
+            x_BTD = self.mlp_norm(deepnorm_residual(self.alpha, x_BTD, self.mlp(x_BTD))).astype(dt)
         else:
             x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), feats, mesh)
             x_BTD = constrain(x_BTD, self.residual_axes)  # sequence parallel: reduce-scatter here
