@@ -6,6 +6,11 @@
 Cost: 6 * 9.4e9 * 1e12 tokens = 5.6e22 FLOPs per trillion tokens: ~20 days on a TPU v5p-256 at 50%
 MFU. Same architecture as Hugging Face `GlmForCausalLM` (RMSNorm pre-norm, partial rotary on half
 of head_dim, qkv bias, no output bias, untied lm_head), so it exports natively.
+
+Parallelism on a v5p-256: fsdp 16 x tensor 8 (the 2 kv heads are repeated to 8 so q stays split by
+head), sequence parallelism over tensor, vocab-chunked loss, 2 micro-batches per step: the TPU
+compiler puts the train step at 71.2 GB per chip (fits, 31.6 GB free); all-fsdp without these
+needed 128.8 GB (refused; docs/benchmarks.md, docs/tpu_aot.md).
 """
 from glmjax.config import base_config
 
@@ -37,6 +42,10 @@ def get_config():
     m.attention_impl = "auto"
     c.optimizer.lr = 3e-4
     c.optimizer.warmup_steps = 2000
+    m.sequence_parallel = True
+    m.loss_chunk = 512
+    c.optimizer.grad_accum_steps = 2
     c.mesh.data = 1
     c.mesh.fsdp = -1
+    c.mesh.tensor = 8
     return c

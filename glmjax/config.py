@@ -68,6 +68,7 @@ def model_config() -> ml_collections.ConfigDict:
     m.dtype = "float32"  # compute dtype
     m.param_dtype = "float32"  # master weights
     m.remat = "none"  # none | full | dots | dots_with_no_batch_dims
+    m.sequence_parallel = False  # residual stream between blocks sharded over mesh.tensor along length
     m.scan_layers = True  # one compiled layer, scanned: compile time does not grow with depth
     m.embedding_grad_shrink = 1.0  # GLM-130B: 0.1 (the embedding gradient is scaled by this)
     m.tie_embeddings = False

@@ -24,6 +24,9 @@ MESH_AXES = ("data", "fsdp", "tensor")
 RULES: dict[str, tuple[str, ...] | str | None] = {
     "batch": ("data", "fsdp"),
     "length": None,
+    # the residual stream between blocks along length, with model.sequence_parallel: XLA all-gathers it
+    # before attention / MLP and reduce-scatters after, so tensor parallelism shrinks activations too
+    "residual_length": "tensor",
     "embed": "fsdp",  # parameters: ZeRO-3 style, gathered per layer by XLA
     "act_embed": None,  # activations' hidden dim
     "heads": "tensor",
@@ -148,6 +151,12 @@ def constrain(x: jax.Array, axes) -> jax.Array:
     if mesh is None or mesh.size == 1:
         return x
     return jax.lax.with_sharding_constraint(x, sharding_for(axes, x.shape, mesh))
+
+
+def residual_axes(cfg_model) -> tuple[str, str, str]:
+    """Logical axes of the residual stream ``[B, T, D]`` between blocks (sequence parallel or not)."""
+    return ("batch", "residual_length" if cfg_model.get("sequence_parallel", False) else "length",
+            "act_embed")
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:

@@ -23,9 +23,8 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 
-from pallas_kernels.common import idiv, irem
+from pallas_kernels.common import idiv
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
 
@@ -110,57 +109,32 @@ def block_kinds(ranges: dict, block_q: int, block_k: int) -> jax.Array:
     return block_kind(*rows, k_start, k_start + block_k)
 
 
-def schedule(kinds_BIJ: jax.Array):
-    """Compact the non-empty blocks of each row of ``kinds`` (``[B, I, J]``) to the front.
+def block_ranges(lo, hi, full_lo, full_hi, row_block: int, col_block: int):
+    """Per row block, the column blocks its rows can see as one range, and the FULL ones in it.
 
-    Returns ``(index, kind, count)``: ``index[b, i, n]`` is the n-th non-empty ``j`` (ascending),
-    ``kind`` its kind, ``count[b, i]`` how many there are. Entries past ``count`` repeat the last
-    valid index (so a TPU pipeline fetches nothing new) and carry kind EMPTY (nothing computed).
+    ``lo, hi, full_lo, full_hi``: ``[B, T]`` per-row ranges (``key_ranges``: the key ranges of each
+    query, or ``q_lo, q_hi, full_q_lo, full_q_hi`` for the transposed walk of dk/dv). Returns
+    ``(first, count, full_first, full_end)``, int32 ``[B, T // row_block]``: the row block's
+    non-empty column blocks all lie in ``[first, first + count)`` (the hull of its rows' outer
+    ranges; ``count == 0`` when no row sees anything, then ``first == 0``), and the column blocks in
+    ``[full_first, full_end)`` are FULL (the same classification as :func:`block_kind`).
+    For GLM data the hull holds no EMPTY block except where padding separates two segments inside
+    one row block. This is what the TPU kernels scalar-prefetch: 4 ints per row block,
+    O(T / row_block) SMEM whatever the length.
     """
-    J = kinds_BIJ.shape[-1]
-    nonempty = kinds_BIJ != EMPTY
-    order = jnp.argsort(~nonempty, axis=-1, stable=True).astype(jnp.int32)
-    count = jnp.sum(nonempty, axis=-1, dtype=jnp.int32)
-    n = jnp.arange(J, dtype=jnp.int32)
-    last = jnp.take_along_axis(order, jnp.maximum(count - 1, 0)[..., None], axis=-1)
-    index = jnp.where(n < count[..., None], order, last)
-    kind = jnp.where(n < count[..., None], jnp.take_along_axis(kinds_BIJ, order, axis=-1), EMPTY)
-    return index, kind.astype(jnp.int32), count
-
-
-def visit_list(kinds_BIJ: jax.Array):
-    """One flat list of grid steps over the non-empty blocks of all rows ``(b, i)`` of ``kinds``.
-
-    Row ``r = b * I + i`` contributes one step per non-empty ``j`` (ascending), or a single EMPTY
-    step when it has none (so its output block is still written, as zeros). Returns
-    ``(row, code, total)``: int32 arrays of static length ``B * I * J`` -- of which the first
-    ``total`` (a traced scalar, the grid extent) are used -- with
-    ``code = j * 16 + kind * 4 + 2 * last + first`` (``first``/``last``: the row's first/last step).
-    """
-    B, I, J = kinds_BIJ.shape
-    R = B * I
-    index, kind, count = (x.reshape(R, -1) for x in schedule(kinds_BIJ))
-    steps = jnp.maximum(count[:, 0], 1)
-    ends = jnp.cumsum(steps)
-    s = jnp.arange(R * J, dtype=jnp.int32)
-    row = jnp.minimum(jnp.searchsorted(ends, s, side="right"), R - 1).astype(jnp.int32)
-    n = jnp.clip(s - (ends - steps)[row], 0, J - 1)
-    first = (n == 0).astype(jnp.int32)
-    last = (n == steps[row] - 1).astype(jnp.int32)
-    col = index[row, n]
-    # A row without blocks points at the column of the latest real step, so the k/v block index
-    # repeats and a TPU pipeline fetches nothing for it.
-    real = jnp.where(count[row, 0] > 0, s, -1)
-    latest = lax.cummax(real, axis=0)
-    col = jnp.where(latest >= 0, col[jnp.maximum(latest, 0)], col)
-    code = col * 16 + kind[row, n] * 4 + last * 2 + first
-    return row, code, ends[-1].astype(jnp.int32)
-
-
-def decode_visit(code):
-    """``(j, kind, first, last)`` from a ``visit_list`` code (scalar ops only; usable in kernels)."""
-    return (idiv(code, 16), irem(idiv(code, 4), 4), irem(code, 2) == 1,
-            irem(idiv(code, 2), 2) == 1)
+    B, T = lo.shape
+    n = T // row_block
+    lo, hi, full_lo, full_hi = (x.reshape(B, n, row_block) for x in (lo, hi, full_lo, full_hi))
+    live = lo < hi
+    start = jnp.min(jnp.where(live, lo, T), axis=-1)
+    stop = jnp.max(jnp.where(live, hi, 0), axis=-1)
+    first = idiv(start, col_block)
+    end = idiv(stop + col_block - 1, col_block)
+    count = jnp.maximum(end - first, 0)
+    first = jnp.where(count > 0, first, 0)
+    full_first = idiv(jnp.max(full_lo, axis=-1) + col_block - 1, col_block)
+    full_end = idiv(jnp.min(full_hi, axis=-1), col_block)
+    return tuple(x.astype(jnp.int32) for x in (first, count, full_first, full_end))
 
 
 def padded_length(seq_len: int, block_q: int, block_k: int) -> int:

@@ -1,16 +1,31 @@
 """Block-sparse flash attention for TPU (Pallas / Mosaic): forward, dq and dk/dv kernels.
 
-Layout inside the kernels is ``[B, H, T, D]`` (T padded to the block sizes). The grid is
-``(heads, steps)`` where the step axis walks one flat list of the *non-empty* (query block, key
-block) pairs of the whole batch (``block_mask.visit_list``), scalar-prefetched into SMEM; its
-length is the number of non-empty pairs, so the grid extent is dynamic. Each step's ``index_map``
-looks up its blocks, so EMPTY blocks are never loaded and cost no grid step; FULL blocks run
-without mask arithmetic; PARTIAL blocks apply the exact element mask of DESIGN.md §3. A row
-without any non-empty block gets one EMPTY step, so its output is still written (as zeros).
+Layout inside the kernels is ``[B, H, T, D]`` (T padded to the block sizes). The schedule is
+*bounded per query block*: ``block_mask.block_ranges`` gives each query block (of each batch
+row) the range of key blocks its rows can see, ``[first, first + count)``, and the FULL
+interval inside it -- 4 int32 per query block, scalar-prefetched into SMEM, so the SMEM use is
+O(B * T / block_q) whatever the length (the earlier flat list of all block pairs held
+O(B * (T/bq) * (T/bk)) entries and ran out of SMEM at T = 131,072).
 
-The dk/dv kernel walks the transposed list (query blocks per key block) per *query* head and
-computes in key-major form (``s^T = k q^T``) so every matmul is NN or NT; for GQA the per-head
-dk/dv are summed over the group afterwards.
+Grid ``(B, heads, query blocks, span)`` with ``span = max(count)`` over all query blocks (a
+dynamic grid extent). Step ``t`` of query block ``i`` visits key block ``first + t``; steps past
+``count`` repeat the last block index (so the pipeline fetches nothing) and compute nothing.
+EMPTY blocks outside the range are never loaded; FULL blocks run without mask arithmetic; the
+rest (PARTIAL, and the rare EMPTY block inside the hull between two padded segments) apply the
+exact element mask of DESIGN.md §3. A query block that sees nothing gets its output written
+(zeros) at step 0. The price of the rectangular grid is idle steps: a row block with fewer blocks
+than the longest waits out the difference (no DMA, no compute, ~0.35 us each on TPU).
+
+The log-sum-exp and ``delta`` are kept lane-dense, ``[B, H, 1, T]`` float32 (a ``[B, H, T, 1]``
+array is tiled ``T(8,128)`` by XLA: 128-fold padding); the kernels that need them per row turn
+the ``(1, bq)`` row into a ``(bq, 1)`` column with a diagonal select + lane reduction (exact,
+once per query block).
+
+The dk/dv kernel runs per *kv* head: the grid is ``(B, kv heads, key blocks, span)`` over the
+transposed ranges (query blocks per key block), each step loads the query blocks of all ``G``
+query heads of the group (``[G, bq, D]``) and accumulates their contributions into one float32
+dk/dv scratch, so dk/dv are written once, in the input dtype, ``[B, K, T, D]``. Every matmul is
+NN or NT (key-major form ``s^T = k q^T``).
 """
 from __future__ import annotations
 
@@ -23,16 +38,77 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels import block_mask as bm
-from pallas_kernels.common import EMPTY_LSE, NEG, NN, NT, dot, element_mask, idiv, irem
+from pallas_kernels.common import EMPTY_LSE, NEG, NN, NT, dot, element_mask, idiv
 
 
-def _fwd_kernel(row_ref, code_ref, q_ref, k_ref, v_ref, segq_ref, segk_ref, bidk_ref,
-                o_ref, lse_ref, m_sc, l_sc, acc_sc, *, scale, causal, nq, bq, bk):
-    s = pl.program_id(1)
-    i = irem(row_ref[s], nq)
-    j, kind, first, last = bm.decode_visit(code_ref[s])
+def _col_to_row(x_N1):
+    """``(n, 1) -> (1, n)`` exactly (diagonal select + sublane sum; no relayout needed)."""
+    n = x_N1.shape[0]
+    eye = lax.broadcasted_iota(jnp.int32, (n, n), 0) == lax.broadcasted_iota(jnp.int32, (n, n), 1)
+    return jnp.sum(jnp.where(eye, jnp.broadcast_to(x_N1, (n, n)), 0.0), axis=0, keepdims=True)
 
-    @pl.when(first)
+
+def _row_to_col(x_1N):
+    """``(1, n) -> (n, 1)`` exactly (diagonal select + lane sum)."""
+    n = x_1N.shape[1]
+    eye = lax.broadcasted_iota(jnp.int32, (n, n), 0) == lax.broadcasted_iota(jnp.int32, (n, n), 1)
+    return jnp.sum(jnp.where(eye, jnp.broadcast_to(x_1N, (n, n)), 0.0), axis=1, keepdims=True)
+
+
+class _Walk:
+    """Scalar schedule of a ``(B, heads, rows, span)`` grid: ``sched`` holds ``(first, count,
+    full_first, full_end)`` per row block, flattened as ``4 * (b * n_rows + r) + field``."""
+
+    def __init__(self, n_rows: int):
+        self.n = n_rows
+
+    def fields(self, b, r, sched_ref):
+        base = 4 * (b * self.n + r)
+        return sched_ref[base], sched_ref[base + 1], sched_ref[base + 2], sched_ref[base + 3]
+
+    def col(self, b, r, t, sched_ref):
+        """Column block of step ``t``: ``first + t``, held at the last valid block past ``count``."""
+        first, count = self.fields(b, r, sched_ref)[:2]
+        return first + jnp.minimum(t, jnp.maximum(count - 1, 0))
+
+
+def _schedule(lo, hi, full_lo, full_hi, row_block, col_block):
+    first, count, ffirst, fend = bm.block_ranges(lo, hi, full_lo, full_hi, row_block, col_block)
+    sched = jnp.stack([first, count, ffirst, fend], axis=-1).reshape(-1)
+    return sched, jnp.maximum(jnp.max(count), 1)
+
+
+def _call(kernel, sched, grid, in_specs, out_specs, out_shape, scratch, interpret, *args):
+    grid_spec = pltpu.PrefetchScalarGridSpec(
+        num_scalar_prefetch=1, grid=grid, in_specs=in_specs, out_specs=out_specs,
+        scratch_shapes=scratch)
+    return pl.pallas_call(
+        kernel, grid_spec=grid_spec, out_shape=out_shape, interpret=interpret,
+        compiler_params=pltpu.CompilerParams(
+            dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
+    )(sched, *args)
+
+
+def _step_info(walk, sched_ref):
+    """(row block, column block, count, is-full, t) of the current grid step."""
+    b, r, t = pl.program_id(0), pl.program_id(2), pl.program_id(3)
+    first, count, ffirst, fend = walk.fields(b, r, sched_ref)
+    c = first + jnp.minimum(t, jnp.maximum(count - 1, 0))
+    return r, c, count, (ffirst <= c) & (c < fend), t
+
+
+def _run_visit(t, count, full, step):
+    """``step(masked)`` on the visits ``t < count``: unmasked on FULL blocks, masked otherwise."""
+    live = t < count
+    pl.when(live & full)(lambda: step(False))
+    pl.when(live & jnp.logical_not(full))(lambda: step(True))
+
+
+def _fwd_kernel(sched_ref, q_ref, k_ref, v_ref, segq_ref, segk_ref, bidk_ref, o_ref, lse_ref,
+                m_sc, l_sc, acc_sc, *, walk, scale, causal, bq, bk):
+    i, j, count, full, t = _step_info(walk, sched_ref)
+
+    @pl.when(t == 0)
     def _init():
         m_sc[...] = jnp.full(m_sc.shape, NEG, jnp.float32)
         l_sc[...] = jnp.zeros(l_sc.shape, jnp.float32)
@@ -55,193 +131,155 @@ def _fwd_kernel(row_ref, code_ref, q_ref, k_ref, v_ref, segq_ref, segk_ref, bidk
         acc_sc[...] = alpha * acc_sc[...] + dot(p.astype(v_ref.dtype), v_ref[...], NN)
         m_sc[...] = m_new
 
-    pl.when(kind == bm.FULL)(lambda: step(False))
-    pl.when(kind == bm.PARTIAL)(lambda: step(True))
+    _run_visit(t, count, full, step)
 
-    @pl.when(last)
+    @pl.when(t == jnp.maximum(count, 1) - 1)
     def _finish():
         l = l_sc[...]
         seen = l > 0.0
         o_ref[...] = (acc_sc[...] / jnp.where(seen, l, 1.0)).astype(o_ref.dtype)
-        lse_ref[...] = jnp.where(seen, m_sc[...] + jnp.log(jnp.where(seen, l, 1.0)), EMPTY_LSE)
+        lse = jnp.where(seen, m_sc[...] + jnp.log(jnp.where(seen, l, 1.0)), EMPTY_LSE)
+        lse_ref[...] = _col_to_row(lse)
 
 
-def _dq_kernel(row_ref, code_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, segq_ref,
-               segk_ref, bidk_ref, dq_ref, dq_sc, *, scale, causal, nq, bq, bk):
-    s = pl.program_id(1)
-    i = irem(row_ref[s], nq)
-    j, kind, first, last = bm.decode_visit(code_ref[s])
+def _dq_kernel(sched_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, segq_ref, segk_ref,
+               bidk_ref, dq_ref, dq_sc, lse_sc, delta_sc, *, walk, scale, causal, bq, bk):
+    i, j, count, full, t = _step_info(walk, sched_ref)
 
-    @pl.when(first)
+    @pl.when(t == 0)
     def _init():
         dq_sc[...] = jnp.zeros(dq_sc.shape, jnp.float32)
+        lse_sc[...] = _row_to_col(lse_ref[...])
+        delta_sc[...] = _row_to_col(delta_ref[...])
 
     def step(masked):
         k = k_ref[...]
-        p = jnp.exp(dot(q_ref[...], k, NT) * scale - lse_ref[...])
+        p = jnp.exp(dot(q_ref[...], k, NT) * scale - lse_sc[...])
         if masked:
             q_pos = i * bq + lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
             k_pos = j * bk + lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
             mask = element_mask(segq_ref[...], segk_ref[...], bidk_ref[...], q_pos, k_pos, causal)
             p = jnp.where(mask, p, 0.0)
         dp = dot(do_ref[...], v_ref[...], NT)
-        ds = p * (dp - delta_ref[...])
+        ds = p * (dp - delta_sc[...])
         dq_sc[...] += dot(ds.astype(k.dtype), k, NN)
 
-    pl.when(kind == bm.FULL)(lambda: step(False))
-    pl.when(kind == bm.PARTIAL)(lambda: step(True))
+    _run_visit(t, count, full, step)
 
-    @pl.when(last)
+    @pl.when(t == jnp.maximum(count, 1) - 1)
     def _finish():
         dq_ref[...] = (dq_sc[...] * scale).astype(dq_ref.dtype)
 
 
-def _dkv_kernel(row_ref, code_ref, q_ref, do_ref, lse_ref, delta_ref, segq_ref, k_ref, v_ref,
-                segk_ref, bidk_ref, dk_ref, dv_ref, dk_sc, dv_sc, *, scale, causal, nk, bq, bk):
-    s = pl.program_id(1)
-    j = irem(row_ref[s], nk)  # key block; the visit's "column" is the query block
-    i, kind, first, last = bm.decode_visit(code_ref[s])
+def _dkv_kernel(sched_ref, q_ref, do_ref, lse_ref, delta_ref, segq_ref, k_ref, v_ref, segk_ref,
+                bidk_ref, dk_ref, dv_ref, dk_sc, dv_sc, *, walk, scale, causal, bq, bk, G):
+    j, i, count, full, t = _step_info(walk, sched_ref)  # rows: key blocks; columns: query blocks
 
-    @pl.when(first)
+    @pl.when(t == 0)
     def _init():
         dk_sc[...] = jnp.zeros(dk_sc.shape, jnp.float32)
         dv_sc[...] = jnp.zeros(dv_sc.shape, jnp.float32)
 
     def step(masked):
-        q, do = q_ref[...], do_ref[...]
-        p_t = jnp.exp(dot(k_ref[...], q, NT) * scale - lse_ref[...])  # [bk, bq]
+        k, v = k_ref[...], v_ref[...]
         if masked:
             k_pos = j * bk + lax.broadcasted_iota(jnp.int32, (bk, bq), 0)
             q_pos = i * bq + lax.broadcasted_iota(jnp.int32, (bk, bq), 1)
             mask = element_mask(segq_ref[...], segk_ref[...], bidk_ref[...], q_pos, k_pos, causal)
-            p_t = jnp.where(mask, p_t, 0.0)
-        dv_sc[...] += dot(p_t.astype(do.dtype), do, NN)
-        ds_t = p_t * (dot(v_ref[...], do, NT) - delta_ref[...])
-        dk_sc[...] += dot(ds_t.astype(q.dtype), q, NN)
+        dk, dv = dk_sc[...], dv_sc[...]
+        for g in range(G):  # the query heads of this kv head
+            q, do = q_ref[g], do_ref[g]
+            p_t = jnp.exp(dot(k, q, NT) * scale - lse_ref[g])  # [bk, bq]
+            if masked:
+                p_t = jnp.where(mask, p_t, 0.0)
+            dv = dv + dot(p_t.astype(do.dtype), do, NN)
+            ds_t = p_t * (dot(v, do, NT) - delta_ref[g])
+            dk = dk + dot(ds_t.astype(q.dtype), q, NN)
+        dk_sc[...], dv_sc[...] = dk, dv
 
-    pl.when(kind == bm.FULL)(lambda: step(False))
-    pl.when(kind == bm.PARTIAL)(lambda: step(True))
+    _run_visit(t, count, full, step)
 
-    @pl.when(last)
+    @pl.when(t == jnp.maximum(count, 1) - 1)
     def _finish():
         dk_ref[...] = (dk_sc[...] * scale).astype(dk_ref.dtype)
         dv_ref[...] = dv_sc[...].astype(dv_ref.dtype)
 
 
-class _Walk:
-    """Index maps for a ``(heads, steps)`` grid over a ``visit_list``: ``own`` blocks belong to the
-    list's rows (query blocks, or key blocks for dk/dv), ``other`` blocks to its columns."""
-
-    def __init__(self, n_rows_per_batch, kv_group):
-        self.n, self.G = n_rows_per_batch, kv_group
-
-    def _row(self, s, row_ref):
-        r = row_ref[s]
-        return idiv(r, self.n), irem(r, self.n)
-
-    def own(self, h, s, row_ref, code_ref):  # [B, H, T, X] arrays, query-head indexed
-        b, r = self._row(s, row_ref)
-        return b, h, r, 0
-
-    def own_kv(self, h, s, row_ref, code_ref):  # [B, K, T, X] arrays
-        b, r = self._row(s, row_ref)
-        return b, idiv(h, self.G), r, 0
-
-    def own_col(self, h, s, row_ref, code_ref):  # [B, T, 1] per-position metadata
-        b, r = self._row(s, row_ref)
-        return b, r, 0
-
-    def other(self, h, s, row_ref, code_ref):  # [B, H, T, X], block = the visit's column
-        return self._row(s, row_ref)[0], h, idiv(code_ref[s], 16), 0
-
-    def other_kv(self, h, s, row_ref, code_ref):
-        return self._row(s, row_ref)[0], idiv(h, self.G), idiv(code_ref[s], 16), 0
-
-    def other_row(self, h, s, row_ref, code_ref):  # [B, 1, T] per-position metadata
-        return self._row(s, row_ref)[0], 0, idiv(code_ref[s], 16)
-
-    def other_stat_row(self, h, s, row_ref, code_ref):  # [B, H, 1, T] per-row statistics
-        return self._row(s, row_ref)[0], h, 0, idiv(code_ref[s], 16)
+def _ranges(seg_BT, bid_BT, causal):
+    return bm.key_ranges(seg_BT, bid_BT, causal=causal)
 
 
-def _call(kernel, walk_lists, H, in_specs, out_specs, out_shape, scratch, interpret, *args):
-    row, code, total = walk_lists
-    grid_spec = pltpu.PrefetchScalarGridSpec(
-        num_scalar_prefetch=2, grid=(H, total), in_specs=in_specs, out_specs=out_specs,
-        scratch_shapes=scratch)
-    return pl.pallas_call(
-        kernel, grid_spec=grid_spec, out_shape=out_shape, interpret=interpret,
-        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
-    )(row, code, *args)
+def _meta(seg_BT, bid_BT):
+    B, T = seg_BT.shape
+    return seg_BT.reshape(B, T, 1), seg_BT.reshape(B, 1, T), bid_BT.reshape(B, 1, T), bid_BT.reshape(B, T, 1)
 
 
-def _kinds(seg_BT, bid_BT, causal, bq, bk):
-    return bm.block_kinds(bm.key_ranges(seg_BT, bid_BT, causal=causal), bq, bk)
+def _query_walk_specs(nq, G, bq, bk, D):
+    """BlockSpecs of the forward / dq walk (rows = query blocks of head ``h``)."""
+    w = _Walk(nq)
+    own = pl.BlockSpec((None, None, bq, D), lambda b, h, i, t, s: (b, h, i, 0))
+    stat = pl.BlockSpec((None, None, 1, bq), lambda b, h, i, t, s: (b, h, 0, i))
+    kv = pl.BlockSpec((None, None, bk, D), lambda b, h, i, t, s: (b, idiv(h, G), w.col(b, i, t, s), 0))
+    q_col = pl.BlockSpec((None, bq, 1), lambda b, h, i, t, s: (b, i, 0))
+    k_row = pl.BlockSpec((None, 1, bk), lambda b, h, i, t, s: (b, 0, w.col(b, i, t, s)))
+    return w, own, stat, kv, q_col, k_row
 
 
 def forward(q, k, v, seg_BT, bid_BT, *, causal, bq, bk, interpret):
-    """q: [B,H,T,D], k/v: [B,K,T,D] (T divisible by bq, bk). Returns o [B,H,T,D], lse [B,H,T,1]."""
+    """q: [B,H,T,D], k/v: [B,K,T,D] (T divisible by bq, bk). Returns o [B,H,T,D] and the
+    lane-dense lse [B,H,1,T] float32."""
     B, H, T, D = q.shape
     G, nq = H // k.shape[1], T // bq
-    w = _Walk(nq, G)
-    lists = bm.visit_list(_kinds(seg_BT, bid_BT, causal, bq, bk))
-    q_spec = pl.BlockSpec((None, None, bq, D), w.own)
-    kv_spec = pl.BlockSpec((None, None, bk, D), w.other_kv)
-    k_meta = pl.BlockSpec((None, 1, bk), w.other_row)
+    r = _ranges(seg_BT, bid_BT, causal)
+    sched, span = _schedule(r["lo"], r["hi"], r["full_lo"], r["full_hi"], bq, bk)
+    w, own, stat, kv, q_col, k_row = _query_walk_specs(nq, G, bq, bk, D)
+    seg_col, seg_row, bid_row, _ = _meta(seg_BT, bid_BT)
     return _call(
-        functools.partial(_fwd_kernel, scale=D**-0.5, causal=causal, nq=nq, bq=bq, bk=bk),
-        lists, H,
-        [q_spec, kv_spec, kv_spec, pl.BlockSpec((None, bq, 1), w.own_col), k_meta, k_meta],
-        [q_spec, pl.BlockSpec((None, None, bq, 1), w.own)],
-        [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((B, H, T, 1), jnp.float32)],
+        functools.partial(_fwd_kernel, walk=w, scale=D**-0.5, causal=causal, bq=bq, bk=bk),
+        sched, (B, H, nq, span),
+        [own, kv, kv, q_col, k_row, k_row], [own, stat],
+        [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((B, H, 1, T), jnp.float32)],
         [pltpu.VMEM((bq, 1), jnp.float32), pltpu.VMEM((bq, 1), jnp.float32),
          pltpu.VMEM((bq, D), jnp.float32)],
-        interpret, q, k, v, seg_BT.reshape(B, T, 1), seg_BT.reshape(B, 1, T),
-        bid_BT.reshape(B, 1, T))
+        interpret, q, k, v, seg_col, seg_row, bid_row)
 
 
 def backward(q, k, v, seg_BT, bid_BT, o, lse, do, *, causal, bq, bk, interpret):
-    """Gradients (dq, dk, dv) of ``forward``; lse as returned by it."""
+    """Gradients (dq, dk, dv) of ``forward``; lse ``[B,H,1,T]`` as returned by it."""
     B, H, T, D = q.shape
     K = k.shape[1]
     G, nq, nk = H // K, T // bq, T // bk
     scale = D**-0.5
-    kinds = _kinds(seg_BT, bid_BT, causal, bq, bk)
-    delta = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1, keepdims=True)
-    seg_col, seg_row, bid_row = seg_BT.reshape(B, T, 1), seg_BT.reshape(B, 1, T), bid_BT.reshape(B, 1, T)
+    r = _ranges(seg_BT, bid_BT, causal)
+    delta = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1)[:, :, None, :]
+    seg_col, seg_row, bid_row, bid_col = _meta(seg_BT, bid_BT)
 
     # dq: the forward walk (rows = query blocks).
-    w = _Walk(nq, G)
-    q_spec = pl.BlockSpec((None, None, bq, D), w.own)
-    stat = pl.BlockSpec((None, None, bq, 1), w.own)
-    kv_spec = pl.BlockSpec((None, None, bk, D), w.other_kv)
-    k_meta = pl.BlockSpec((None, 1, bk), w.other_row)
+    sched, span = _schedule(r["lo"], r["hi"], r["full_lo"], r["full_hi"], bq, bk)
+    w, own, stat, kv, q_col, k_row = _query_walk_specs(nq, G, bq, bk, D)
     dq = _call(
-        functools.partial(_dq_kernel, scale=scale, causal=causal, nq=nq, bq=bq, bk=bk),
-        bm.visit_list(kinds), H,
-        [q_spec, kv_spec, kv_spec, q_spec, stat, stat, pl.BlockSpec((None, bq, 1), w.own_col),
-         k_meta, k_meta],
-        q_spec, jax.ShapeDtypeStruct(q.shape, q.dtype), [pltpu.VMEM((bq, D), jnp.float32)],
+        functools.partial(_dq_kernel, walk=w, scale=scale, causal=causal, bq=bq, bk=bk),
+        sched, (B, H, nq, span),
+        [own, kv, kv, own, stat, stat, q_col, k_row, k_row],
+        own, jax.ShapeDtypeStruct(q.shape, q.dtype),
+        [pltpu.VMEM((bq, D), jnp.float32), pltpu.VMEM((bq, 1), jnp.float32),
+         pltpu.VMEM((bq, 1), jnp.float32)],
         interpret, q, k, v, do, lse, delta, seg_col, seg_row, bid_row)
 
-    # dk, dv per query head: the transposed walk (rows = key blocks, columns = query blocks).
-    w = _Walk(nk, G)
-    q_blk = pl.BlockSpec((None, None, bq, D), w.other)
-    q_stat = pl.BlockSpec((None, None, 1, bq), w.other_stat_row)
-    k_spec = pl.BlockSpec((None, None, bk, D), w.own_kv)
-    k_col = pl.BlockSpec((None, bk, 1), w.own_col)
-    out_dtype = k.dtype if G == 1 else jnp.float32  # per-head partials are summed below
-    dk_spec = pl.BlockSpec((None, None, bk, D), w.own)
+    # dk, dv per kv head: the transposed walk (rows = key blocks, columns = query blocks), the G
+    # query heads of the kv head in one block [G, bq, D].
+    sched, span = _schedule(r["q_lo"], r["q_hi"], r["full_q_lo"], r["full_q_hi"], bk, bq)
+    w = _Walk(nk)
+    q_grp = pl.BlockSpec((None, G, bq, D), lambda b, h, j, t, s: (b, h, w.col(b, j, t, s), 0))
+    stat_grp = pl.BlockSpec((None, G, 1, bq), lambda b, h, j, t, s: (b, h, 0, w.col(b, j, t, s)))
+    q_row = pl.BlockSpec((None, 1, bq), lambda b, h, j, t, s: (b, 0, w.col(b, j, t, s)))
+    k_own = pl.BlockSpec((None, None, bk, D), lambda b, h, j, t, s: (b, h, j, 0))
+    k_col = pl.BlockSpec((None, bk, 1), lambda b, h, j, t, s: (b, j, 0))
     dk, dv = _call(
-        functools.partial(_dkv_kernel, scale=scale, causal=causal, nk=nk, bq=bq, bk=bk),
-        bm.visit_list(jnp.swapaxes(kinds, 1, 2)), H,
-        [q_blk, q_blk, q_stat, q_stat, pl.BlockSpec((None, 1, bq), w.other_row), k_spec, k_spec,
-         k_col, k_col],
-        [dk_spec, dk_spec], [jax.ShapeDtypeStruct((B, H, T, D), out_dtype)] * 2,
+        functools.partial(_dkv_kernel, walk=w, scale=scale, causal=causal, bq=bq, bk=bk, G=G),
+        sched, (B, K, nk, span),
+        [q_grp, q_grp, stat_grp, stat_grp, q_row, k_own, k_own, k_col, k_col],
+        [k_own, k_own], [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
         [pltpu.VMEM((bk, D), jnp.float32), pltpu.VMEM((bk, D), jnp.float32)],
-        interpret, q, do, lse.reshape(B, H, 1, T), delta.reshape(B, H, 1, T), seg_row, k, v,
-        seg_col, bid_BT.reshape(B, T, 1))
-    if G > 1:
-        dk = dk.reshape(B, K, G, T, D).sum(2).astype(k.dtype)
-        dv = dv.reshape(B, K, G, T, D).sum(2).astype(v.dtype)
+        interpret, q, do, lse, delta, seg_row, k, v, seg_col, bid_col)
     return dq, dk, dv

@@ -317,24 +317,35 @@ def test_key_ranges_bound_the_mask(prefix):
             assert (outer == m).all() and (inner == m).all() and (q_inner == m).all()
 
 
-def test_tpu_visit_list_walks_exactly_the_nonempty_blocks():
-    """The TPU grid's step list: every non-empty block once, in row order; one step per empty row."""
-    rng = np.random.default_rng(77)
-    seg, bid = packed_mask_inputs(rng, 2, 150, min_pad=40)
-    kinds = np.asarray(bm.block_kinds(bm.key_ranges(*bm.pad_mask_inputs(
-        jnp.asarray(seg), jnp.asarray(bid), batch=2, seq_len=150, padded=160), causal=True), 32, 16))
-    row, code, total = (np.asarray(x) for x in bm.visit_list(jnp.asarray(kinds)))
-    steps = [(int(r), *(int(x) for x in bm.decode_visit(c))) for r, c in zip(row[:total], code[:total])]
-    flat = kinds.reshape(-1, kinds.shape[-1])
-    expected = []
-    for r, ks in enumerate(flat):
-        js = np.flatnonzero(ks)
-        expected += [(r, j, ks[j], n == 0, n == len(js) - 1) for n, j in enumerate(js)]
-        if not len(js):
-            expected.append((r, None, bm.EMPTY, True, True))
-    assert len(steps) == len(expected) == (flat != 0).sum() + (flat == 0).all(-1).sum()
-    for got, want in zip(steps, expected):
-        assert got[0] == want[0] and got[2:] == want[2:] and want[1] in (None, got[1])
+@pytest.mark.parametrize("transposed", [False, True], ids=["query_blocks", "key_blocks"])
+def test_tpu_block_ranges_hold_every_nonempty_block(transposed):
+    """The TPU schedule (``block_ranges``, 4 ints per row block): every non-empty block lies in the
+    row block's range, the FULL ones are exactly its full interval, and on GLM data without padding
+    between segments the range is tight (its first and last blocks are non-empty). Rows = query
+    blocks (forward, dq) or key blocks (dk/dv)."""
+    rng = np.random.default_rng(77 + transposed)
+    B, T, Tp, bq, bk = 2, 150, 160, 32, 16
+    seg, bid = packed_mask_inputs(rng, B, T, min_pad=40)
+    r = bm.key_ranges(*bm.pad_mask_inputs(jnp.asarray(seg), jnp.asarray(bid), batch=B, seq_len=T,
+                                          padded=Tp), causal=True)
+    m = np.zeros((B, Tp, Tp), bool)
+    m[:, :T, :T] = dense_mask(seg, bid, True)
+    if transposed:
+        m, names, (rb, cb) = np.swapaxes(m, 1, 2), ("q_lo", "q_hi", "full_q_lo", "full_q_hi"), (bk, bq)
+    else:
+        names, (rb, cb) = ("lo", "hi", "full_lo", "full_hi"), (bq, bk)
+    blocks = m.reshape(B, Tp // rb, rb, Tp // cb, cb)
+    nonempty, full = blocks.any(axis=(2, 4)), blocks.all(axis=(2, 4))
+    first, count, ffirst, fend = (np.asarray(x) for x in bm.block_ranges(*(r[n] for n in names), rb, cb))
+    assert first.shape == (B, Tp // rb)
+    j = np.arange(Tp // cb)
+    in_range = (j >= first[..., None]) & (j < (first + count)[..., None])
+    assert not (nonempty & ~in_range).any()
+    np.testing.assert_array_equal(full, (j >= ffirst[..., None]) & (j < fend[..., None]))
+    np.testing.assert_array_equal(count > 0, nonempty.any(-1))
+    # tight: the range's first and last blocks are visible ones
+    b_, i_ = np.nonzero(count > 0)
+    assert nonempty[b_, i_, first[b_, i_]].all() and nonempty[b_, i_, first[b_, i_] + count[b_, i_] - 1].all()
 
 
 def test_block_counts_pure_causal():

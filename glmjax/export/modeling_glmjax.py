@@ -31,7 +31,7 @@ KNOBS = {"norm": ("deepnorm", "rmsnorm_pre"), "mlp": ("geglu", "swiglu"), "rope_
 SHAPES = ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "head_dim", "mlp_dim", "vocab_size",
           "norm_eps", "rope_theta")
 IGNORED = ("attention_impl", "dtype", "param_dtype", "remat", "scan_layers", "embedding_grad_shrink", "init_std",
-           "loss_chunk", "init")
+           "loss_chunk", "init", "sequence_parallel")
 
 
 def unsupported_knobs(model: dict) -> list[str]:

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from glmjax.model.glm import deepnorm_residual
 from glmjax.model.layers import dense
 
 
@@ -55,8 +56,9 @@ def _cached_attention(attn, x_BCD, pos_BC, bpos_BC, k_cache, v_cache, start_B, v
 def _block(block, x, pos, bpos, k_cache, v_cache, start, valid, prefix):
     if block.deepnorm:
         a, k_cache, v_cache = _cached_attention(block.attn, x, pos, bpos, k_cache, v_cache, start, valid, prefix)
-        x = block.attn_norm(block.alpha * x + a)
-        x = block.mlp_norm(block.alpha * x + block.mlp(x))
+        dt = x.dtype
+        x = block.attn_norm(deepnorm_residual(block.alpha, x, a)).astype(dt)
+        x = block.mlp_norm(deepnorm_residual(block.alpha, x, block.mlp(x))).astype(dt)
     else:
         a, k_cache, v_cache = _cached_attention(block.attn, block.attn_norm(x), pos, bpos, k_cache, v_cache,
                                                 start, valid, prefix)

@@ -1,12 +1,26 @@
 """Self-attention of the GLM block and the dispatch to the attention kernels (``model.attention_impl``)."""
 from __future__ import annotations
 
+import jax.numpy as jnp
 from flax import nnx
 
 import pallas_kernels
 from glmjax.model.layers import dense, dtype_of, param
 from glmjax.model.rope import apply_rope
-from glmjax.sharding import constrain
+from glmjax.sharding import constrain, current_mesh
+
+
+def repeat_kv_to_tensor(k_BSKD, v_BSKD, num_heads: int, mesh):
+    """Repeat kv heads up to the mesh's ``tensor`` size when they do not divide it (GLM-4-9B: 2 kv heads,
+    tensor 8), so k / v shard by head like q instead of replicating the head axis (which all-gathers q
+    and has every tensor rank compute every head). Each kv head is repeated in place, so query head
+    ``h`` still reads the copy of its own kv head ``h // (num_heads / K)``."""
+    t = mesh.shape.get("tensor", 1) if mesh is not None else 1
+    K = k_BSKD.shape[2]
+    if t <= 1 or K % t == 0 or t % K or num_heads % t:
+        return k_BSKD, v_BSKD
+    r = t // K
+    return jnp.repeat(k_BSKD, r, axis=2), jnp.repeat(v_BSKD, r, axis=2)
 
 
 def attend(q_BTHD, k_BSKD, v_BSKD, segment_ids_BT, bidirectional_BT, *, impl: str, mesh=None):
@@ -74,6 +88,7 @@ class Attention(nnx.Module):
     def __call__(self, x_BTD, feats, mesh=None):
         cfg = self.cfg
         q, k, v = self.qkv(x_BTD, feats["positions"], feats.get("block_positions"))
+        k, v = repeat_kv_to_tensor(k, v, cfg.num_heads, mesh if mesh is not None else current_mesh())
         q = constrain(q, ("batch", "length", "heads", "head_dim"))
         k = constrain(k, ("batch", "length", "kv_heads", "head_dim"))
         v = constrain(v, ("batch", "length", "kv_heads", "head_dim"))

@@ -14,13 +14,20 @@ from flax import nnx
 
 from glmjax.model.attention import Attention
 from glmjax.model.layers import GatedMLP, Norm, dense, dtype_of, init_stds, param
-from glmjax.sharding import constrain
+from glmjax.sharding import constrain, residual_axes
 
 REMAT = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_with_no_batch_dims": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
+
+
+def deepnorm_residual(alpha: float, x, f):
+    """DeepNorm's ``alpha * x + f`` summed in float32 (the LayerNorm after it is float32 anyway):
+    in bf16 the rounding of ``alpha * x`` (alpha ~ 12 at 70 layers, ulp 1/16 at |alpha x| ~ 12) is
+    12-35% (RMS) of a sublayer output of std 0.3-0.1. XLA fuses the casts into the LayerNorm."""
+    return alpha * x.astype(jnp.float32) + f.astype(jnp.float32)
 
 
 class Block(nnx.Module):
@@ -34,15 +41,19 @@ class Block(nnx.Module):
         self.attn = Attention(cfg, rngs, stds=stds)
         self.mlp_norm = Norm(cfg, rngs)
         self.mlp = GatedMLP(cfg, rngs, stds=stds)
+        self.residual_axes = residual_axes(cfg)
 
     def __call__(self, x_BTD, feats, mesh=None):
         if self.deepnorm:
-            x_BTD = self.attn_norm(self.alpha * x_BTD + self.attn(x_BTD, feats, mesh))
-            x_BTD = self.mlp_norm(self.alpha * x_BTD + self.mlp(x_BTD))
+            dt = x_BTD.dtype
+            h = deepnorm_residual(self.alpha, x_BTD, self.attn(x_BTD, feats, mesh))
+            x_BTD = constrain(self.attn_norm(h).astype(dt), self.residual_axes)
+            x_BTD = self.mlp_norm(deepnorm_residual(self.alpha, x_BTD, self.mlp(x_BTD))).astype(dt)
         else:
             x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), feats, mesh)
+            x_BTD = constrain(x_BTD, self.residual_axes)  # sequence parallel: reduce-scatter here
             x_BTD = x_BTD + self.mlp(self.mlp_norm(x_BTD))
-        return constrain(x_BTD, ("batch", "length", "act_embed"))
+        return constrain(x_BTD, self.residual_axes)
 
 
 class GLM(nnx.Module):
@@ -88,6 +99,7 @@ class GLM(nnx.Module):
             a = cfg.embedding_grad_shrink
             x = a * x + (1.0 - a) * jax.lax.stop_gradient(x)
         x = self.embed_normed(x)
+        x = constrain(x, residual_axes(cfg))
 
         def run(block, x):
             return block(x, feats, mesh)
