@@ -80,7 +80,10 @@ def main(argv=None) -> int:
             print(f"plan: {len(plan['runs'])} runs, {len(plan['jobs'])} jobs ({plan['mode']}) in {args.out}; "
                   f"next: python tools/sweep.py run --plan={args.out}")
         elif args.command == "run":
+            from glmjax.console import setup_logging
             from glmjax.scaling.backends import BACKENDS
+
+            setup_logging("INFO")
             from glmjax.scaling.runner import run_plan
 
             states = run_plan(args.plan, BACKENDS[args.backend](), parallel=args.parallel,

@@ -102,13 +102,14 @@ class InProcessBackend(Backend):
         from glmjax.train.loop import train
 
         cwd = os.getcwd()
-        root = logging.getLogger()
-        with open(log_path, "a") as log, contextlib.redirect_stderr(log):
+        ours = logging.getLogger("glmjax")  # the job's own lines go to its log file, not the console
+        with open(log_path, "a") as log, contextlib.redirect_stderr(log):  # the job's progress bar too
             handler = logging.StreamHandler(log)
             handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-            old_level = root.level
-            root.addHandler(handler)
-            root.setLevel(logging.INFO)
+            saved = (ours.level, ours.propagate)
+            ours.addHandler(handler)
+            ours.setLevel(logging.INFO)
+            ours.propagate = False
             old_term = signal.getsignal(signal.SIGTERM)
             try:
                 os.chdir(plan_dir)
@@ -122,8 +123,8 @@ class InProcessBackend(Backend):
             finally:
                 os.chdir(cwd)
                 signal.signal(signal.SIGTERM, old_term)
-                root.removeHandler(handler)
-                root.setLevel(old_level)
+                ours.removeHandler(handler)
+                ours.level, ours.propagate = saved
 
 
 BACKENDS = {"local": LocalBackend, "inprocess": InProcessBackend}
