@@ -101,7 +101,8 @@ def to_named(theta) -> dict:
 def predict_loss(fit: dict, params, tokens):
     """``E + A / N^alpha + B / D^beta`` of a fit (a dict with those names)."""
     params, tokens = np.asarray(params, float), np.asarray(tokens, float)
-    return fit["E"] + fit["A"] / params ** fit["alpha"] + fit["B"] / tokens ** fit["beta"]
+    with np.errstate(over="ignore"):
+        return fit["E"] + fit["A"] / params ** fit["alpha"] + fit["B"] / tokens ** fit["beta"]
 
 
 def fit_approach3(params, tokens, loss, *, grid: dict | None = None, bootstrap: int = 200,
@@ -134,11 +135,18 @@ def fit_approach3(params, tokens, loss, *, grid: dict | None = None, bootstrap: 
         th, ob = minimise(np.tile(np.stack(starts), (int(bootstrap), 1)), data,
                           np.repeat(counts.astype(float), k, axis=0))
         best = th.reshape(int(bootstrap), k, 5)[np.arange(int(bootstrap)), ob.reshape(-1, k).argmin(1)]
-        samples = [to_named(t) for t in best]
-        out["ci95"] = {key: [float(np.percentile([s[key] for s in samples], 2.5)),
-                             float(np.percentile([s[key] for s in samples], 97.5))] for key in NAMES}
+        with np.errstate(over="ignore"):  # a replicate that runs off (few points) has A or B = inf
+            samples = [to_named(t) for t in best]
+        out["ci95"] = {key: [_finite(np.percentile([s[key] for s in samples], 2.5, method="lower")),
+                             _finite(np.percentile([s[key] for s in samples], 97.5, method="higher"))]
+                       for key in NAMES}
         out["bootstrap"] = int(bootstrap)
     return out
+
+
+def _finite(x):
+    """A float, or None where the bootstrap found no bound (JSON has no infinity)."""
+    return float(x) if np.isfinite(x) else None
 
 
 def optimal_allocation(fit: dict, flops: float, flops_per_token) -> dict:

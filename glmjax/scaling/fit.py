@@ -133,7 +133,10 @@ def summary(fit: dict) -> list[str]:
     ci = f3.get("ci95", {})
 
     def band(k):
-        return f" [{ci[k][0]:.4g}, {ci[k][1]:.4g}]" if k in ci else ""
+        if k not in ci:
+            return ""
+        lo, hi = ci[k]
+        return f" [{'?' if lo is None else f'{lo:.4g}'}, {'unbounded' if hi is None else f'{hi:.4g}'}]"
 
     lines.append("approach 3: L = E + A/N^alpha + B/D^beta with " + ", ".join(
         f"{k}={f3[k]:.4g}{band(k)}" for k in approach3.NAMES) + f" ({f3['n_points']} points)")
