@@ -1,10 +1,10 @@
 """CPU IsoFLOP sweep: 3 budgets x 4 sizes of tiny causal-LM GLMs (12k-300k parameters), cooldown forks.
 
     python tools/sweep.py plan --config=configs/sweeps/cpu.py --out=/tmp/sweep_cpu
-    python tools/sweep.py run --plan=/tmp/sweep_cpu          # resumable: rerun the same command
+    python tools/sweep.py run --plan=/tmp/sweep_cpu --backend=inprocess   # resumable: rerun the same command
     python tools/sweep.py report --plan=/tmp/sweep_cpu       # fit.json, PNG plots, report.md
 
-Cost: about 15-25 minutes on a 2-core CPU (no accelerator); see docs/benchmarks.md for the measured time.
+Cost: estimated 15-25 minutes on an idle 2-core CPU (no accelerator); not measured yet (docs/benchmarks.md).
 Rules (glmjax/scaling/plan.py, docs/scaling.md): budget C centres its 4 sizes on sqrt(C / (6 * 20));
 sizes a factor sqrt(3) apart on a global ladder, budgets 3x apart, so neighbouring budgets share 3 of
 their 4 shapes; width d in multiples of 16, depth round(d / 32), heads d / 16, SwiGLU mlp 8/3 d; batch
