@@ -101,7 +101,7 @@ def test_sigkill_and_sigterm_resume_exactly(tmp_path):
     wait_until(proc, lambda: (run / "metrics.jsonl").stat().st_ino != stale_inode
                and max(metrics(run), default=0) >= term_at, f"step {term_at}")
     proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=120) == 0, log_text(run, "resumed")
+    assert proc.wait(timeout=300) == 0, log_text(run, "resumed")
     reached = max(metrics(run))
     assert term_at <= reached < STEPS
     assert max(committed_steps(run)) == reached, (committed_steps(run), reached)

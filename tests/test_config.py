@@ -76,7 +76,7 @@ def test_cli_reports_config_error_before_compiling(tmp_path):
     import sys
 
     r = subprocess.run([sys.executable, "-m", "glmjax.train", f"--config={TINY}", f"--workdir={tmp_path}",
-                        "--config.model.num_kv_heads=3"], capture_output=True, text=True, timeout=120)
+                        "--config.model.num_kv_heads=3"], capture_output=True, text=True, timeout=300)
     assert r.returncode != 0
     assert "config error" in r.stderr and "num_kv_heads=3" in r.stderr
     assert not (tmp_path / "metrics.jsonl").exists()

@@ -119,7 +119,7 @@ def test_sbatch_script_trains_on_two_processes_is_preempted_requeued_and_resumes
     r = subprocess.run([sys.executable, "launch/slurm.py", "--job_name=glm-test", "--nodes=2", "--gpus_per_node=4",
                         f"--python={sys.executable}", f"--script={script}", f"--log_dir={logs}", "--no_submit", "--",
                         "python", "-m", "glmjax.train", "--config=configs/tiny.py", f"--workdir={workdir}",
-                        *overrides(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=120)
+                        *overrides(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     text = script.read_text()
     assert "#SBATCH --nodes=2" in text and "#SBATCH --ntasks-per-node=1" in text and "#SBATCH --requeue" in text

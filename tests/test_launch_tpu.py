@@ -24,7 +24,7 @@ def launch(tool, *args, env=None, tmp=None):
     if tmp is not None:
         env["TMPDIR"] = str(tmp)
     return subprocess.run([sys.executable, f"launch/{tool}.py", *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=120)
+                          text=True, timeout=300)
 
 
 def commit():
@@ -126,7 +126,7 @@ def test_bad_input_fails_before_anything_runs(extra, message, tmp_path):
     flags, train = (extra[:extra.index("--")], extra[extra.index("--"):]) if "--" in extra else (extra, TRAIN)
     env = {"PATH": str(tmp_path)}  # no gcloud at all: nothing may be called
     r = subprocess.run([sys.executable, "launch/tpu.py", "run", "--name=n", "--zone=z", "--project=p", *flags,
-                        *train], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+                        *train], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and message in r.stderr, r.stderr
     assert r.stdout == ""
 
@@ -136,7 +136,7 @@ def test_missing_project_or_zone(missing, tmp_path):
     flags = [f for f in ("--name=n", "--zone=z", "--project=p") if not f.startswith(missing)]
     env = {k: v for k, v in os.environ.items() if not k.startswith("CLOUDSDK_")}
     r = subprocess.run([sys.executable, "launch/tpu.py", "run", *flags, "--accelerator=v4-32", *TRAIN], cwd=REPO,
-                       env=env, capture_output=True, text=True, timeout=120)
+                       env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and f"missing {missing}" in r.stderr, r.stderr
 
 

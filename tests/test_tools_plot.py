@@ -18,10 +18,10 @@ def test_plot_metrics_writes_png(tmp_path):
     (run / "metrics.jsonl").write_text("\n".join(lines) + "\nnot json\n")
     out = tmp_path / "curves.png"
     r = subprocess.run([sys.executable, str(REPO / "tools" / "plot_metrics.py"), str(run), f"--out={out}"],
-                       capture_output=True, text=True, timeout=120)
+                       capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "skipped 1 unreadable line" in r.stderr
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
     r = subprocess.run([sys.executable, str(REPO / "tools" / "plot_metrics.py"), str(tmp_path / "missing")],
-                       capture_output=True, text=True, timeout=120)
+                       capture_output=True, text=True, timeout=300)
     assert r.returncode != 0 and "does not exist" in r.stderr
