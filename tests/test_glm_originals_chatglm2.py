@@ -147,6 +147,7 @@ def test_chatglm2_import_matches_the_released_forward_and_exports_back(chatglm2_
 def test_chatglm2_bad_input_is_named(chatglm2_dir, tmp_path):
     src, _ = chatglm2_dir
     wd = tmp_path / "wd"
+    preset = str(REPO / "configs/chatglm2_6b.py")
 
     def variant(name, **changes):
         d = tmp_path / name
@@ -159,11 +160,11 @@ def test_chatglm2_bad_input_is_named(chatglm2_dir, tmp_path):
 
     with pytest.raises(ImportError_, match=r"'transformer\.encoder\.layers\.0\.self_attention\.query_key_value"
                                            r"\.weight' has shape \(128, 64\) but config\.json .* implies \(96, 64\)"):
-        import_hf(variant("groups", multi_query_group_num=1), str(wd), overrides=RUN)
+        import_hf(variant("groups", multi_query_group_num=1), str(wd), config_path=preset, overrides=RUN)
     with pytest.raises(ImportError_, match=r"'transformer\.encoder\.layers\.0\.mlp\.dense_h_to_4h\.weight' has shape"):
-        import_hf(variant("ffn", ffn_hidden_size=80), str(wd), overrides=RUN)
+        import_hf(variant("ffn", ffn_hidden_size=80), str(wd), config_path=preset, overrides=RUN)
     with pytest.raises(ImportError_, match="has 2 layers but config.json has num_layers=1"):
-        import_hf(variant("layers", num_layers=1), str(wd), overrides=RUN)
+        import_hf(variant("layers", num_layers=1), str(wd), config_path=preset, overrides=RUN)
     with pytest.raises(ImportError_, match=r"apply_residual_connection_post_layernorm=True .*; pre_seq_len=8"):
         import_hf(variant("ptuning", apply_residual_connection_post_layernorm=True, pre_seq_len=8), str(wd))
     with pytest.raises(ImportError_, match="known layouts are chatglm, chatglm2, glm, glm130b, glmjax"):
