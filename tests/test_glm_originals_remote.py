@@ -85,3 +85,27 @@ def test_remote_code_export_computes_the_released_knobs(case, tmp_path, tokenize
                     block_position_ids=torch.tensor(bpos), bidirectional=torch.tensor(bidir)).logits.numpy()
     assert np.abs(ours).max() > 1.0
     np.testing.assert_allclose(theirs, ours, rtol=TOL, atol=TOL)
+
+
+def test_chatglm2_is_glm_for_causal_lm_under_other_names(tmp_path, tokenizer_dir):
+    """An imported ChatGLM2/3 model exports (``auto``) natively as ``GlmForCausalLM``: the same function as
+    the released ChatGLM2 forward (NumPy) and glmjax, with ``rope_theta = 10000 * rope_ratio``."""
+    from test_glm_originals_chatglm2 import RUN, chatglm2_config, chatglm2_forward, chatglm2_tensors
+
+    src = tmp_path / "chatglm2"
+    src.mkdir()
+    sd = chatglm2_tensors(np.random.default_rng(24))
+    (src / "config.json").write_text(json.dumps(chatglm2_config()))
+    torch.save({k: torch.from_numpy(v) for k, v in sd.items()}, src / "pytorch_model.bin")
+    wd, out = str(tmp_path / "wd"), str(tmp_path / "hf")
+    import_hf(str(src), wd, config_path=str(REPO / "configs/chatglm2_6b.py"), overrides=RUN)
+    assert export(wd, out, tokenizer=tokenizer_dir)["format"] == "hf"
+    hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert type(hf).__name__ == "GlmForCausalLM"
+    tokens = np.random.default_rng(25).integers(0, V, (2, 13))
+    with torch.no_grad():
+        theirs = hf(input_ids=torch.tensor(tokens)).logits.numpy()
+    want = chatglm2_forward(sd, tokens)
+    assert np.abs(want).max() > 1.0
+    np.testing.assert_allclose(theirs, want, rtol=TOL, atol=TOL)
+    np.testing.assert_allclose(logits(load(wd)[0], tokens), want, rtol=TOL, atol=TOL)

@@ -29,10 +29,11 @@ The released block ``a = LN_in(h); m = LN_post(alpha*a + attn(a)); h = alpha*m +
 LN is glmjax's deepnorm block with the norms relabelled as above. Rotary is split-halves
 (``rope_style=half``) in both: GLM-130B 1D over all of head_dim, ChatGLM-6B 2D, half of head_dim per stream.
 
-Model-parallel ranks (GLM-130B) merge as Megatron splits them: column-parallel tensors (embeddings,
-query_key_value, dense_h_to_4h) along dim 0 — dense_h_to_4h half by half, each rank holding
-``[value_r; gate_r]`` — row-parallel weights (attention.dense, dense_4h_to_h) along dim 1, the rest
-(norms, row-parallel biases) replicated (rank 0's copy).
+Model-parallel ranks (GLM-130B) merge, and export splits into ``mp`` ranks, as SwissArmyTransformer splits
+them (:mod:`glmjax.export.sat_mp`): column-parallel tensors (embeddings, query_key_value, dense_h_to_4h)
+along dim 0 — dense_h_to_4h half by half, each rank holding ``[value_r; gate_r]`` — row-parallel weights
+(attention.dense, dense_4h_to_h) along dim 1, the rest (norms, row-parallel biases) replicated (rank 0's
+copy). ChatGLM2/3-6B is its own layout: :mod:`glmjax.export.chatglm2`.
 """
 from __future__ import annotations
 
