@@ -187,7 +187,8 @@ def test_glm130b_import_matches_the_released_forward_and_exports_back(glm130b_di
     np.testing.assert_allclose(got, want, rtol=TOL, atol=TOL)
     out = str(tmp_path / "back")
     assert export(wd, out)["format"] == "glm130b"  # auto: back to the layout it came from
-    back = read_sat(os.path.join(out, "mp_rank_00_model_states.pt"))
+    assert open(os.path.join(out, "latest")).read().strip() == "0"  # SAT's layout: latest + <step>/mp_rank_XX
+    back = read_sat(os.path.join(out, "0", "mp_rank_00_model_states.pt"))
     assert set(back) == set(sd)
     for k, v in sd.items():
         np.testing.assert_array_equal(back[k], v, err_msg=k)
@@ -231,16 +232,16 @@ def test_bad_checkpoints_name_the_first_mismatching_tensor(glm130b_dir, tmp_path
         import_hf(src, str(wd), config_path=cfg, overrides=SMALL + ["--config.model.hidden_size=32"])
     with pytest.raises(ImportError_, match="has 2 layers but --config has model.num_layers=1"):
         import_hf(src, str(wd), config_path=cfg, overrides=SMALL + ["--config.model.num_layers=1"])
-    with pytest.raises(ImportError_, match="unknown --layout='gpt2': known layouts are chatglm, glm, glm130b, glmjax"):
+    with pytest.raises(ImportError_, match="unknown --layout='gpt2': known layouts are chatglm, chatglm2, glm, glm130b, glmjax"):
         import_hf(src, str(wd), layout="gpt2")
     with pytest.raises(ImportError_, match="--config must give its shape"):
         import_hf(src, str(wd), overrides=SMALL)
     with pytest.raises(ImportError_, match="no mp_rank_XX_model_states.pt"):
         import_hf(str(tmp_path), str(wd), config_path=cfg, layout="glm130b")
-    v2 = tmp_path / "chatglm2"
+    v2 = tmp_path / "chatglm2"  # detected as ChatGLM2/3 (tests/test_glm_originals_chatglm2.py)
     v2.mkdir()
     (v2 / "config.json").write_text(json.dumps({"model_type": "chatglm", "multi_query_attention": True}))
-    with pytest.raises(ImportError_, match="ChatGLM2/3-6B checkpoint .* not implemented"):
+    with pytest.raises(ImportError_, match="lacks num_layers, hidden_size, .*: it is not a complete ChatGLM2/3-6B"):
         import_hf(str(v2), str(wd))
     assert not wd.exists()
 

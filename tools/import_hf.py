@@ -10,6 +10,8 @@
   glm      config.json (model_type "glm", GlmForCausalLM) + *.safetensors
   glmjax   a glmjax remote-code export (tools/export_hf.py --format=remote)
   chatglm  Hugging Face ChatGLM-6B (config.json model_type "chatglm" + pytorch_model*.bin or safetensors)
+  chatglm2 Hugging Face ChatGLM2-6B / ChatGLM3-6B (model_type "chatglm" with multi_query_attention,
+           padded_vocab_size, ...: detected from config.json)
   glm130b  the released GLM-130B SwissArmyTransformer checkpoint: mp_rank_XX_model_states.pt files
            ({"module": state_dict}, the model-parallel ranks are merged); it has no config, so --config
            (configs/glm130b.py) gives the shape, and a mismatching tensor is named
@@ -35,7 +37,7 @@ def main(argv=None) -> int:
     p.add_argument("--model", required=True, help="Hugging Face model directory")
     p.add_argument("--workdir", required=True, help="new glmjax workdir to write")
     p.add_argument("--config", default=None, help="config file for the non-model settings (glm130b: also the shape)")
-    p.add_argument("--layout", default=None, help="checkpoint layout: glm, glmjax, chatglm, glm130b (default: detect)")
+    p.add_argument("--layout", default=None, help="checkpoint layout: glm, glmjax, chatglm, chatglm2, glm130b (default: detect)")
     add_log_level(p)
     args, rest = p.parse_known_args(argv)
     bad = [r for r in rest if not r.startswith("--config.")]

@@ -4,7 +4,7 @@ Library functions (the CLI ``tools/import_hf.py`` is a thin wrapper):
 
 - :func:`detect_layout` says which source layout a directory is (``--layout``, else auto-detected):
   ``glm`` (native ``GlmForCausalLM``), ``glmjax`` (our own remote-code export), ``chatglm`` (Hugging Face
-  ChatGLM-6B remote code), ``glm130b`` (the released GLM-130B SwissArmyTransformer checkpoint,
+  ChatGLM-6B remote code), ``chatglm2`` (ChatGLM2/3-6B remote code, ``chatglm2.py``), ``glm130b`` (the released GLM-130B SwissArmyTransformer checkpoint,
   ``mp_rank_XX_model_states.pt``; its shape comes from ``--config``). See ``glm_originals.py`` for the last two.
 - :func:`read_hf_config` reads ``config.json``; an architecture glmjax does not import is an error.
 - :func:`model_config_from_hf` gives the glmjax ``model.*`` values for it.
@@ -12,7 +12,7 @@ Library functions (the CLI ``tools/import_hf.py`` is a thin wrapper):
 - :func:`import_hf` writes a workdir: the run config (with ``data.tokenizer`` = the model's own
   tokenizer) and a step-0 checkpoint that ``python -m glmjax.train --workdir=DIR`` resumes from.
 
-A new source layout (``glm4_moe``, ChatGLM2/3) is one more ``LAYOUTS`` entry: a config function and a
+A new source layout (``glm4_moe``) is one more ``LAYOUTS`` entry: a config function and a
 params function (and a getter in :func:`tensor_getter` when its weights are not safetensors).
 """
 from __future__ import annotations
@@ -40,7 +40,7 @@ def read_hf_config(hf_dir: str) -> tuple[str, dict]:
     if kind not in LAYOUTS or kind in NEEDS_CONFIG:
         raise ImportError_(f"--model={hf_dir} is a {kind!r} model ({config.get('architectures')}); glmjax imports "
                            f"model_type glm (GlmForCausalLM, e.g. GLM-4-9B), glmjax (a glmjax remote-code export) "
-                           f"and chatglm (ChatGLM-6B), and GLM-130B checkpoints (--layout=glm130b); known "
+                           f"and chatglm (ChatGLM-6B, ChatGLM2/3-6B), and GLM-130B checkpoints (--layout=glm130b); known "
                            f"layouts: {', '.join(sorted(LAYOUTS))}")
     return kind, config
 
@@ -121,6 +121,10 @@ LAYOUTS = {"glm": (_glm_model_config, _glm_params), "glmjax": (_glmjax_model_con
            "chatglm": (_orig.chatglm_model_config,
                        lambda get, m: _orig.original_params(get, m, source="config.json")),
            "glm130b": (_orig.glm130b_model_config, _orig.original_params)}
+
+from glmjax.export import chatglm2 as _chatglm2  # noqa: E402  (ChatGLM2/3-6B: model_type chatglm, v2 keys)
+
+LAYOUTS["chatglm2"] = (_chatglm2.chatglm2_model_config, _chatglm2.chatglm2_params)
 NEEDS_CONFIG = ("glm130b",)  # layouts whose checkpoint has no config file: --config gives the shape
 
 
@@ -138,6 +142,8 @@ def detect_layout(model_dir: str, layout: str | None = None) -> tuple[str, dict]
                                f"{', '.join(sorted(LAYOUTS))}")
         return "glm130b", {}
     kind, config = read_hf_config(model_dir)
+    if kind == "chatglm" and _chatglm2.is_chatglm2(config):
+        kind = "chatglm2"
     if layout is not None and kind != layout:
         raise ImportError_(f"--layout={layout} but --model={model_dir} is a {kind!r} model (config.json "
                            f"model_type): drop --layout to auto-detect, or pass --layout={kind}")
@@ -148,7 +154,7 @@ def tensor_getter(kind: str, model_dir: str, model_cfg):
     """``get(name) -> np.ndarray`` (with a ``names`` set where known) over the checkpoint's weights."""
     if kind == "glm130b":
         return _orig.SatGetter(model_dir, glu=model_cfg.mlp != "gelu")
-    if kind == "chatglm":
+    if kind in ("chatglm", "chatglm2"):
         return _orig.TorchBinGetter(model_dir)
     return safetensors_getter(model_dir)
 

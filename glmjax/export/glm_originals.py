@@ -29,10 +29,11 @@ The released block ``a = LN_in(h); m = LN_post(alpha*a + attn(a)); h = alpha*m +
 LN is glmjax's deepnorm block with the norms relabelled as above. Rotary is split-halves
 (``rope_style=half``) in both: GLM-130B 1D over all of head_dim, ChatGLM-6B 2D, half of head_dim per stream.
 
-Model-parallel ranks (GLM-130B) merge as Megatron splits them: column-parallel tensors (embeddings,
-query_key_value, dense_h_to_4h) along dim 0 — dense_h_to_4h half by half, each rank holding
-``[value_r; gate_r]`` — row-parallel weights (attention.dense, dense_4h_to_h) along dim 1, the rest
-(norms, row-parallel biases) replicated (rank 0's copy).
+Model-parallel ranks (GLM-130B) merge, and export splits into ``mp`` ranks, as SwissArmyTransformer splits
+them (:mod:`glmjax.export.sat_mp`): column-parallel tensors (embeddings, query_key_value, dense_h_to_4h)
+along dim 0 — dense_h_to_4h half by half, each rank holding ``[value_r; gate_r]`` — row-parallel weights
+(attention.dense, dense_4h_to_h) along dim 1, the rest (norms, row-parallel biases) replicated (rank 0's
+copy). ChatGLM2/3-6B is its own layout: :mod:`glmjax.export.chatglm2`.
 """
 from __future__ import annotations
 
@@ -114,17 +115,9 @@ class SatGetter:
         parts = [r[name] for r in self.ranks]
         if len(parts) == 1:
             return _numpy(parts[0])
-        parts = [_numpy(p) for p in parts]
-        if name.endswith("mlp.dense_h_to_4h.weight") or name.endswith("mlp.dense_h_to_4h.bias"):
-            if self.glu:  # each rank holds [value_r; gate_r]: merge the halves separately
-                halves = [np.split(p, 2, axis=0) for p in parts]
-                return np.concatenate([h[0] for h in halves] + [h[1] for h in halves], axis=0)
-            return np.concatenate(parts, axis=0)
-        if name.endswith(("word_embeddings.weight", "query_key_value.weight", "query_key_value.bias")):
-            return np.concatenate(parts, axis=0)
-        if name.endswith(("attention.dense.weight", "dense_4h_to_h.weight")):
-            return np.concatenate(parts, axis=1)
-        return parts[0]
+        from glmjax.export.sat_mp import merge
+
+        return merge(name, [_numpy(p) for p in parts], glu=self.glu)
 
 
 class TorchBinGetter:
@@ -270,8 +263,8 @@ def glm130b_model_config(config: dict) -> dict:
 
 def chatglm_model_config(config: dict) -> dict:
     if "multi_query_attention" in config or "padded_vocab_size" in config:
-        raise _err("this is a ChatGLM2/3-6B checkpoint (multi-query attention, RMSNorm, SwiGLU): that layout "
-                   "is not implemented yet; glmjax imports ChatGLM-6B (the first version) as --layout=chatglm")
+        raise _err("this is a ChatGLM2/3-6B checkpoint (multi-query attention, RMSNorm, SwiGLU): import it with "
+                   "--layout=chatglm2 (or without --layout); --layout=chatglm is ChatGLM-6B, the first version")
     if not config.get("position_encoding_2d", True):
         raise _err("config.json has position_encoding_2d=false: glmjax's chatglm layout is ChatGLM-6B's 2D rotary")
     D, H = int(config["hidden_size"]), int(config["num_attention_heads"])
@@ -289,31 +282,55 @@ def original_layout(m) -> str | None:
     return None
 
 
-def export_original(reader, out: str, layout: str, *, dtype: str = "float32") -> dict:
+def export_original(reader, out: str, layout: str, *, dtype: str = "float32", mp: int = 1) -> dict:
     """Write the checkpoint of ``reader`` (a ``CheckpointReader``) in the released ``layout`` to ``out``:
-    glm130b as one model-parallel rank (``mp_rank_00_model_states.pt``), chatglm as config.json +
+    glm130b as SwissArmyTransformer ``mp`` model-parallel ranks (``OUT/latest``, ``OUT/<step>/mp_rank_XX_
+    model_states.pt``, split as :mod:`glmjax.export.sat_mp` says), chatglm / chatglm2 as config.json +
     pytorch_model.bin. The whole state dict is built in host memory (fine to ChatGLM-6B scale; for
     GLM-130B that is ~520 GB in float32)."""
     import time
 
+    from glmjax.export import chatglm2
+
     t0 = time.perf_counter()
     m = reader.cfg.model
-    check_original_knobs(m, GLM130B_KNOBS if layout == "glm130b" else CHATGLM_KNOBS, layout)
-    if m.num_kv_heads != m.num_heads:
+    knobs = {"glm130b": GLM130B_KNOBS, "chatglm": CHATGLM_KNOBS, "chatglm2": chatglm2.CHATGLM2_KNOBS}[layout]
+    check_original_knobs(m, knobs, layout)
+    if mp != 1 and layout != "glm130b":
+        raise ValueError(f"--mp={mp}: only the glm130b layout is split into model-parallel ranks "
+                         f"({layout} is one Hugging Face checkpoint); drop --mp")
+    if layout == "glm130b":
+        from glmjax.export.sat_mp import check_mp
+
+        check_mp(m, mp)
+    if layout != "chatglm2" and m.num_kv_heads != m.num_heads:
         raise ValueError(f"model.num_kv_heads={m.num_kv_heads} != num_heads={m.num_heads}: the {layout} layout "
                          f"is multi-head attention")
-    sd = original_state_dict(reader.read_tree(), m)
+    params = reader.read_tree()
+    sd = chatglm2.chatglm2_state_dict(params, m) if layout == "chatglm2" else original_state_dict(params, m)
     if layout == "chatglm" and m.tie_embeddings:  # the released files store the tied copy too
         sd["lm_head.weight"] = sd["transformer.word_embeddings.weight"]
-    if dtype == "bfloat16":
-        import torch
-
-        sd = {k: torch.from_numpy(v).to(torch.bfloat16) for k, v in sd.items()}
     os.makedirs(out, exist_ok=True)
-    path = (write_sat_checkpoint(sd, out) if layout == "glm130b" else write_chatglm_checkpoint(sd, m, out))
-    size = os.path.getsize(path)
-    return {"format": layout, "step": reader.step, "out": out, "shards": 1, "bytes": size,
+    if layout == "glm130b":
+        from glmjax.export.sat_mp import split_state_dict
+
+        paths = write_sat_checkpoint(split_state_dict(sd, mp, glu=m.mlp != "gelu"), out, step=reader.step,
+                                     dtype=dtype)
+    else:
+        sd = _cast(sd, dtype)
+        paths = [chatglm2.write_chatglm2_checkpoint(sd, m, out, seq_length=reader.cfg.seq_len)
+                 if layout == "chatglm2" else write_chatglm_checkpoint(sd, m, out)]
+    size = sum(os.path.getsize(p) for p in paths)
+    return {"format": layout, "step": reader.step, "out": out, "shards": len(paths), "bytes": size,
             "seconds": time.perf_counter() - t0}
+
+
+def _cast(sd: dict, dtype: str) -> dict:
+    if dtype != "bfloat16":
+        return sd
+    import torch
+
+    return {k: torch.from_numpy(np.ascontiguousarray(v)).to(torch.bfloat16) for k, v in sd.items()}
 
 
 def _tensor(v):
@@ -322,14 +339,24 @@ def _tensor(v):
     return v if isinstance(v, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(v))
 
 
-def write_sat_checkpoint(state_dict: dict, out_dir: str) -> str:
-    """``out_dir/mp_rank_00_model_states.pt`` (``{"module": state_dict}``, one rank) from NumPy arrays."""
+def write_sat_checkpoint(ranks, out_dir: str, *, step: int = 0, dtype: str = "float32") -> list[str]:
+    """A SwissArmyTransformer checkpoint directory from rank state dicts (NumPy; a single dict = one rank):
+    ``out_dir/latest`` naming the step and ``out_dir/<step>/mp_rank_XX_model_states.pt`` per rank, each
+    ``{"module": state_dict, "iteration": step}`` (what SAT's ``load_checkpoint`` reads)."""
     import torch
 
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, "mp_rank_00_model_states.pt")
-    torch.save({"module": {k: _tensor(v) for k, v in state_dict.items()}}, path)
-    return path
+    if isinstance(ranks, dict):
+        ranks = [ranks]
+    step_dir = os.path.join(out_dir, str(int(step)))
+    os.makedirs(step_dir, exist_ok=True)
+    paths = []
+    for r, sd in enumerate(ranks):
+        path = os.path.join(step_dir, f"mp_rank_{r:02d}_model_states.pt")
+        torch.save({"module": {k: _tensor(v) for k, v in _cast(sd, dtype).items()}, "iteration": int(step)}, path)
+        paths.append(path)
+    with open(os.path.join(out_dir, "latest"), "w") as f:
+        f.write(f"{int(step)}\n")
+    return paths
 
 
 def write_chatglm_checkpoint(state_dict: dict, m, out_dir: str) -> str:

@@ -6,7 +6,11 @@
   (``model_type: glm``), loaded by ``AutoModelForCausalLM.from_pretrained(OUT)`` without remote code.
 - ``remote``: any glmjax model, as :mod:`glmjax.export.modeling_glmjax` (copied into OUT, named by
   ``auto_map``; ``trust_remote_code=True``), glmjax parameter names and shapes, one tensor per layer.
-- ``auto``: ``hf`` when the model maps onto ``GlmForCausalLM``, else ``remote``.
+- ``glm130b`` / ``chatglm`` / ``chatglm2``: the released layouts (``glm_originals.py``, ``chatglm2.py``);
+  ``glm130b`` into ``mp`` SwissArmyTransformer model-parallel ranks.
+- ``auto``: the released GLM-130B / ChatGLM-6B layout for exactly those architectures, else ``hf`` when
+  the model maps onto ``GlmForCausalLM`` (ChatGLM2/3's architecture too: ``chatglm2`` only when asked),
+  else ``remote``.
 
 Everything is written into ``OUT.tmp-<pid>`` and renamed to ``OUT`` at the end, so a failure leaves
 nothing at ``OUT``. Every argument and the checkpoint are checked before any tensor is read.
@@ -24,7 +28,8 @@ from glmjax.export.reader import CheckpointReader
 from glmjax.export.safetensors_stream import parse_size, write_shards
 
 log = logging.getLogger("glmjax.export")
-FORMATS = ("auto", "hf", "remote", "glm130b", "chatglm")
+ORIGINAL_FORMATS = ("glm130b", "chatglm", "chatglm2")  # the released layouts (glm_originals.py, chatglm2.py)
+FORMATS = ("auto", "hf", "remote", *ORIGINAL_FORMATS)
 REMOTE_FILE = os.path.join(os.path.dirname(__file__), "modeling_glmjax.py")
 
 
@@ -107,7 +112,7 @@ def _tokenizer_source(cfg, tokenizer: str | None) -> str:
 def resolve_format(model_cfg, fmt: str) -> str:
     if fmt not in FORMATS:
         raise ExportError(f"--format={fmt!r} is not one of {', '.join(FORMATS)}")
-    if fmt in ("remote", "glm130b", "chatglm"):
+    if fmt == "remote" or fmt in ORIGINAL_FORMATS:
         return fmt
     from glmjax.export.glm_originals import original_layout
 
@@ -124,8 +129,9 @@ def resolve_format(model_cfg, fmt: str) -> str:
 
 
 def export(workdir: str, out: str, *, step: int | None = None, fmt: str = "auto", dtype: str = "float32",
-           max_shard_size="5GB", tokenizer: str | None = None, progress: bool = False) -> dict:
-    """Export a checkpoint of ``workdir`` to ``out``; returns a summary dict (format, step, shards, bytes)."""
+           max_shard_size="5GB", tokenizer: str | None = None, progress: bool = False, mp: int = 1) -> dict:
+    """Export a checkpoint of ``workdir`` to ``out``; returns a summary dict (format, step, shards, bytes).
+    ``mp``: model-parallel ranks of the ``glm130b`` layout."""
     if dtype not in ("float32", "bfloat16"):
         raise ExportError(f"--dtype={dtype!r} is not one of float32, bfloat16")
     try:
@@ -138,11 +144,14 @@ def export(workdir: str, out: str, *, step: int | None = None, fmt: str = "auto"
     reader = CheckpointReader(workdir, step)
     m = reader.cfg.model
     fmt = resolve_format(m, fmt)
-    if fmt in ("glm130b", "chatglm"):
+    if mp != 1 and fmt != "glm130b":
+        raise ExportError(f"--mp={mp}: only --format=glm130b is split into model-parallel ranks "
+                          f"(this export is --format={fmt}); drop --mp")
+    if fmt in ORIGINAL_FORMATS:
         from glmjax.export.glm_originals import export_original
 
         try:
-            return export_original(reader, out, fmt, dtype=dtype)
+            return export_original(reader, out, fmt, dtype=dtype, mp=mp)
         except ValueError as e:
             raise ExportError(f"--format={fmt}: {e}") from None
     if fmt == "remote":

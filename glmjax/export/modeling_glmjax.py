@@ -2,8 +2,10 @@
 
 This file is copied next to the weights by ``tools/export_hf.py --format=remote``. It computes exactly
 what glmjax's JAX model computes for the knobs in ``config.glmjax_model`` (the run's ``model`` config
-section): DeepNorm post-LN or RMSNorm pre-norm blocks, GeGLU or SwiGLU, 1D or 2D rotary on interleaved
-pairs, MHA / GQA, qkv biases, tied or untied output. Parameter names and shapes are glmjax's own
+section): DeepNorm post-LN or RMSNorm pre-norm blocks, an optional norm on the embeddings and after the
+last layer, GeGLU / SwiGLU (either half the gate) or a plain GELU MLP (erf or tanh), 1D or 2D rotary on
+interleaved pairs or split halves over any fraction of head_dim, MHA / GQA, biases on qkv, the attention
+output and the MLP, tied or untied output (the released GLM-130B and ChatGLM-6B architectures included). Parameter names and shapes are glmjax's own
 (``layers.<i>.attn.wq [D, H, hd]``, ...), so export and import copy tensors without transforms.
 
 ``forward(input_ids, position_ids=None, block_position_ids=None, bidirectional=None, attention_mask=None)``:
@@ -24,12 +26,12 @@ from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutput
 
-KNOBS = {"norm": ("deepnorm", "rmsnorm_pre"), "mlp": ("geglu", "swiglu"), "rope_2d": (True, False),
-         "qkv_bias": (True, False), "tie_embeddings": (True, False), "rope_style": ("interleaved",),
-         "partial_rotary_factor": (0.5,), "gelu": ("erf",), "glu_order": ("gate_first",),
-         "attn_out_bias": (False,), "mlp_bias": (False,), "embedding_norm": (False,), "final_norm": (True,)}
+KNOBS = {"norm": ("deepnorm", "rmsnorm_pre"), "mlp": ("geglu", "swiglu", "gelu"), "rope_2d": (True, False),
+         "qkv_bias": (True, False), "tie_embeddings": (True, False), "rope_style": ("interleaved", "half"),
+         "gelu": ("erf", "tanh"), "glu_order": ("gate_first", "value_first"), "attn_out_bias": (True, False),
+         "mlp_bias": (True, False), "embedding_norm": (True, False), "final_norm": (True, False)}
 SHAPES = ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "head_dim", "mlp_dim", "vocab_size",
-          "norm_eps", "rope_theta")
+          "norm_eps", "rope_theta", "partial_rotary_factor")
 IGNORED = ("attention_impl", "dtype", "param_dtype", "remat", "scan_layers", "embedding_grad_shrink", "init_std",
            "loss_chunk", "init", "sequence_parallel")
 
@@ -61,21 +63,32 @@ class GlmjaxConfig(PretrainedConfig):
         super().__init__(**kwargs)
 
 
-def _rotate(x, pos, theta):
+def _rotate(x, pos, theta, style):
     r = x.shape[-1]
     inv_freq = 1.0 / (theta ** (torch.arange(0, r, 2, dtype=torch.float32, device=x.device) / r))
     angle = pos.float()[..., None] * inv_freq  # [B, T, r/2]
     cos, sin = torch.cos(angle)[:, :, None], torch.sin(angle)[:, :, None]
     x = x.float()
-    even, odd = x[..., 0::2], x[..., 1::2]
+    if style == "half":  # pairs (x[i], x[i + r/2]): rotate_half
+        x1, x2 = x[..., :r // 2], x[..., r // 2:]
+        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    even, odd = x[..., 0::2], x[..., 1::2]  # pairs (x[2i], x[2i+1])
     return torch.stack([even * cos - odd * sin, odd * cos + even * sin], dim=-1).reshape(x.shape)
 
 
-def rope(x, pos, bpos, theta, rope_2d):
-    r = x.shape[-1] // 2
-    first = _rotate(x[..., :r], pos, theta)
-    second = _rotate(x[..., r:], bpos, theta) if rope_2d else x[..., r:].float()
-    return torch.cat([first, second], dim=-1).to(x.dtype)
+def rope(x, pos, bpos, m):
+    """Rotary on ``x [B, T, H, hd]``: ``r = hd * partial_rotary_factor`` dims by ``pos``, with ``rope_2d`` the
+    next ``r`` by ``bpos``; the rest pass through."""
+    D = x.shape[-1]
+    r = int(round(D * float(m.get("partial_rotary_factor", 0.5))))
+    theta, style = float(m["rope_theta"]), m.get("rope_style", "interleaved")
+    parts, end = [_rotate(x[..., :r], pos, theta, style)], r
+    if m["rope_2d"]:
+        parts.append(_rotate(x[..., r:2 * r], bpos, theta, style))
+        end = 2 * r
+    if end < D:
+        parts.append(x[..., end:].float())
+    return torch.cat(parts, dim=-1).to(x.dtype)
 
 
 class Norm(nn.Module):
@@ -107,6 +120,9 @@ class Attention(nn.Module):
         if m["qkv_bias"]:
             self.bq = nn.Parameter(torch.zeros(H, hd))
             self.bk, self.bv = nn.Parameter(torch.zeros(K, hd)), nn.Parameter(torch.zeros(K, hd))
+        self.out_bias = bool(m.get("attn_out_bias", False))
+        if self.out_bias:
+            self.bo = nn.Parameter(torch.zeros(D))
 
     def forward(self, x, pos, bpos, visible):
         m = self.m
@@ -115,28 +131,44 @@ class Attention(nn.Module):
         v = torch.einsum("btd,dhk->bthk", x, self.wv)
         if m["qkv_bias"]:
             q, k, v = q + self.bq, k + self.bk, v + self.bv
-        q = rope(q, pos, bpos, float(m["rope_theta"]), m["rope_2d"])
-        k = rope(k, pos, bpos, float(m["rope_theta"]), m["rope_2d"])
+        q, k = rope(q, pos, bpos, m), rope(k, pos, bpos, m)
         groups = q.shape[2] // k.shape[2]
         k, v = k.repeat_interleave(groups, dim=2), v.repeat_interleave(groups, dim=2)
         s = torch.einsum("bthk,bshk->bhts", q.float(), k.float()) * q.shape[-1] ** -0.5
         s = s.masked_fill(~visible[:, None], float("-inf"))
         p = torch.softmax(s, dim=-1).nan_to_num(0.0)  # a row seeing nothing (padding) gives 0
         out = torch.einsum("bhts,bshk->bthk", p, v.float()).to(x.dtype)
-        return torch.einsum("bthk,hkd->btd", out, self.wo)
+        out = torch.einsum("bthk,hkd->btd", out, self.wo)
+        return out + self.bo if self.out_bias else out
 
 
 class MLP(nn.Module):
+    """Gated (``wi [D, 2, F]``; ``glu_order``: which half is the gate) or plain GELU (``wi [D, F]``) MLP."""
+
     def __init__(self, m):
         super().__init__()
+        D, Fd = m["hidden_size"], m["mlp_dim"]
+        self.gated = m["mlp"] != "gelu"
         self.swiglu = m["mlp"] == "swiglu"
-        self.wi = nn.Parameter(torch.empty(m["hidden_size"], 2, m["mlp_dim"]))
-        self.wo = nn.Parameter(torch.empty(m["mlp_dim"], m["hidden_size"]))
+        self.approximate = "tanh" if m.get("gelu", "erf") == "tanh" else "none"
+        self.gate = 1 if m.get("glu_order", "gate_first") == "value_first" else 0
+        shape = (D, 2, Fd) if self.gated else (D, Fd)
+        self.wi = nn.Parameter(torch.empty(*shape))
+        self.wo = nn.Parameter(torch.empty(Fd, D))
+        self.bias = bool(m.get("mlp_bias", False))
+        if self.bias:
+            self.bi, self.bo = nn.Parameter(torch.zeros(*shape[1:])), nn.Parameter(torch.zeros(D))
+
+    def act(self, h):
+        return F.silu(h) if self.swiglu else F.gelu(h, approximate=self.approximate)
 
     def forward(self, x):
-        h = torch.einsum("btd,dcf->btcf", x, self.wi)
-        act = F.silu(h[:, :, 0]) if self.swiglu else F.gelu(h[:, :, 0], approximate="none")
-        return (act * h[:, :, 1]) @ self.wo
+        h = torch.einsum("btd,dcf->btcf", x, self.wi) if self.gated else x @ self.wi
+        if self.bias:
+            h = h + self.bi
+        y = self.act(h[:, :, self.gate]) * h[:, :, 1 - self.gate] if self.gated else self.act(h)
+        out = y @ self.wo
+        return out + self.bo if self.bias else out
 
 
 class Block(nn.Module):
@@ -167,8 +199,11 @@ class GlmjaxForCausalLM(PreTrainedModel):
         if bad:
             raise ValueError("this modeling_glmjax.py cannot compute " + "; ".join(bad))
         self.embed = nn.Parameter(torch.empty(m["vocab_size"], m["hidden_size"]))
+        if m.get("embedding_norm", False):
+            self.embed_norm = Norm(m)
         self.layers = nn.ModuleList([Block(m) for _ in range(m["num_layers"])])
-        self.final_norm = Norm(m)
+        if m.get("final_norm", True):
+            self.final_norm = Norm(m)
         if not m["tie_embeddings"]:
             self.lm_head = nn.Parameter(torch.empty(m["hidden_size"], m["vocab_size"]))
         self.post_init()
@@ -196,9 +231,13 @@ class GlmjaxForCausalLM(PreTrainedModel):
         j = torch.arange(T, device=dev)
         visible = real[:, :, None] & real[:, None, :] & ((j[None, :] <= j[:, None])[None] | bidir[:, None, :])
         x = self.embed[input_ids]
+        m = self.config.glmjax_model
+        if m.get("embedding_norm", False):
+            x = self.embed_norm(x)
         for block in self.layers:
             x = block(x, position_ids, block_position_ids, visible)
-        x = self.final_norm(x)
+        if m.get("final_norm", True):
+            x = self.final_norm(x)
         head = self.embed.T if self.config.glmjax_model["tie_embeddings"] else self.lm_head
         logits = (x @ head).float()
         loss = None
