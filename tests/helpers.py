@@ -1,7 +1,14 @@
-"""Shared test helpers: random GLM-shaped batches (packed segments with bidirectional prefixes)."""
+"""Shared test helpers: random GLM-shaped batches (packed segments with bidirectional prefixes), a small
+GLM config, random parameters and a jitted forward."""
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
+
+from glmjax.config import base_config
+from glmjax.model.glm import GLM, pure_dict
 
 
 def random_glm_features(rng: np.random.Generator, batch: int, length: int, vocab: int, *,
@@ -37,3 +44,31 @@ def causal_features(rng: np.random.Generator, batch: int, length: int, vocab: in
             "positions": pos, "block_positions": np.zeros((batch, length), np.int32),
             "bidirectional": np.zeros((batch, length), np.int32),
             "loss_weights": np.ones((batch, length), np.float32)}
+
+
+# ---------------------------------------------------------------- a small GLM with random parameters
+
+def small_model_cfg(**overrides):
+    m = base_config().model
+    m.update(dict(num_layers=2, hidden_size=32, num_heads=4, num_kv_heads=2, head_dim=16, mlp_dim=48,
+                  vocab_size=97))
+    m.update(overrides)
+    return m
+
+
+def random_params(model, seed, std=0.3):
+    """Replace every parameter by fresh N(0, std) values (norm scales around 1), never zeros/ones."""
+    state = pure_dict(nnx.state(model, nnx.Param))
+    rng = np.random.default_rng(seed)
+
+    def fill(path, x):
+        name = str(path[-1].key)
+        v = rng.normal(0, std, x.shape)
+        return jnp.asarray(1.0 + v if name == "scale" else v, jnp.float32)
+
+    return jax.tree_util.tree_map_with_path(fill, state)
+
+
+def run_model(m, params, feats):
+    graphdef, _ = nnx.split(GLM(m, nnx.Rngs(0)), nnx.Param)
+    return np.asarray(jax.jit(lambda p, f: nnx.merge(graphdef, p)(f))(params, feats), np.float64)

@@ -6,9 +6,8 @@ from flax import nnx
 from glmjax.config import ConfigError, base_config, validate
 from glmjax.model.glm import GLM
 from glmjax.model.rope import half_to_interleaved, interleaved_to_half
-from helpers import random_glm_features
+from helpers import random_glm_features, random_params, run_model, small_model_cfg
 from reference_model import forward_ref
-from test_model import random_params, run_model, small_model_cfg
 
 
 @pytest.mark.parametrize("style,factor,rope_2d", [("half", 1.0, False), ("half", 0.5, True),

@@ -6,43 +6,17 @@ import pytest
 from flax import nnx
 
 import pallas_kernels
-from glmjax.config import base_config, load_config
-from glmjax.model.glm import GLM, pure_dict
+from glmjax.config import load_config
+from glmjax.model.glm import GLM
 from glmjax.train.state import abstract_params
 from glmjax.scaling.flops import param_count
-from helpers import random_glm_features
+from helpers import random_glm_features, random_params, run_model, small_model_cfg
 from pathlib import Path
 
 from reference_model import attention_ref, forward_ref, mask_loops
 
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def small_model_cfg(**overrides):
-    m = base_config().model
-    m.update(dict(num_layers=2, hidden_size=32, num_heads=4, num_kv_heads=2, head_dim=16, mlp_dim=48,
-                  vocab_size=97))
-    m.update(overrides)
-    return m
-
-
-def random_params(model, seed):
-    """Replace every parameter by fresh N(0, 0.3) values (norm scales around 1), never zeros/ones."""
-    state = pure_dict(nnx.state(model, nnx.Param))
-    rng = np.random.default_rng(seed)
-
-    def fill(path, x):
-        name = str(path[-1].key)
-        v = rng.normal(0, 0.3, x.shape)
-        return jnp.asarray(1.0 + v if name == "scale" else v, jnp.float32)
-
-    return jax.tree_util.tree_map_with_path(fill, state)
-
-
-def run_model(m, params, feats):
-    graphdef, _ = nnx.split(GLM(m, nnx.Rngs(0)), nnx.Param)
-    return np.asarray(jax.jit(lambda p, f: nnx.merge(graphdef, p)(f))(params, feats), np.float64)
 
 
 @pytest.mark.parametrize("case", ["causal", "packed", "bidirectional_gqa", "mqa_noncausal"])

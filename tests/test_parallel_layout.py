@@ -13,23 +13,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from glmjax.config import base_config
 import glmjax.model.attention as attention_mod
-from glmjax.model.glm import GLM, Block, pure_dict
+from glmjax.model.glm import GLM, Block
 from glmjax.sharding import activation_mesh, batch_sharding, make_mesh, sharding_for
 from glmjax.train.state import abstract_params
 from glmjax.train.step import loss_sums
-from helpers import random_glm_features
+from helpers import random_glm_features, random_params, small_model_cfg
 
 
 def model_cfg(**kw):
-    m = base_config().model
-    m.update(dict(num_layers=2, hidden_size=64, num_heads=8, num_kv_heads=2, head_dim=16, mlp_dim=96,
-                  vocab_size=128))
-    m.update(kw)
-    return m
+    return small_model_cfg(**{**dict(hidden_size=64, num_heads=8, mlp_dim=96, vocab_size=128), **kw})
 
 
 def mesh_of(data, tensor):
@@ -38,10 +33,8 @@ def mesh_of(data, tensor):
     return make_mesh(cfg, jax.devices()[: data * tensor])
 
 
-def random_params(m, seed):
-    state = pure_dict(nnx.state(GLM(m, nnx.Rngs(seed)), nnx.Param))
-    rng = np.random.default_rng(seed)
-    return jax.tree.map(lambda x: jnp.asarray(rng.normal(0, 0.2, x.shape) + (x.ndim == 1), jnp.float32), state)
+def random_params_of(m, seed):
+    return random_params(GLM(m, nnx.Rngs(seed)), seed, std=0.2)
 
 
 def grad_fn(m, mesh):
@@ -69,7 +62,7 @@ def test_sequence_parallel_same_loss_and_grads():
     for sp in (False, True):
         m = model_cfg(sequence_parallel=sp, num_kv_heads=4)
         f, _ = grad_fn(m, mesh)
-        out[sp] = jax.device_get(f(random_params(m, 0), batch))
+        out[sp] = jax.device_get(f(random_params_of(m, 0), batch))
     l0, g0 = out[False]
     l1, g1 = out[True]
     # float32 sums in another order (reduce-scatter vs all-reduce): ~1e-6 relative
@@ -116,7 +109,7 @@ def test_gqa_fewer_kv_heads_than_tensor_stays_sharded(monkeypatch):
     and loss / gradients equal one device (plain XLA attention, unrepeated kv heads). Without the repetition the head axis is replicated (the
     check below sees it), i.e. q is all-gathered and every tensor rank computes every head."""
     m = model_cfg(num_kv_heads=2, attention_impl="pallas", num_layers=1)
-    params = random_params(m, 3)
+    params = random_params_of(m, 3)
     batch = batch_of(np.random.default_rng(4), 2, 32, 128)
     f1, _ = grad_fn(model_cfg(num_kv_heads=2, attention_impl="xla", num_layers=1), mesh_of(1, 1))
     l1, g1 = jax.device_get(f1(params, batch))
