@@ -34,49 +34,50 @@ def _from_bkqd(o_BKQD, T, dtype):
     return o_BKQD.reshape(B, K, G, T, D).transpose(0, 3, 1, 2, 4).reshape(B, T, K * G, D).astype(dtype)
 
 
-def _scores(q_BKQD, k_BKSD, mask_BTS, G, scale):
-    """Masked float32 logits ``[B, K, G*T, S]``."""
+def _scores(q_BKQD, k_BKSD, bias_BTS, G, scale):
+    """Masked float32 logits ``[B, K, G*T, S]``: ``bias`` is 0 where visible, -1e30 where masked, so
+    ``s + bias`` is exactly ``where(mask, s, -1e30)`` (|s| << ulp(1e30)) without a broadcast select
+    (XLA:CPU hoisted the broadcast -1e30 of the select out of the layer loop as a [B,H,T,S] buffer)."""
     s = jnp.einsum("bkqd,bksd->bkqs", q_BKQD, k_BKSD, preferred_element_type=jnp.float32)
     s = s.astype(jnp.float32) * scale
     B, K, Q, S = s.shape
-    s = s.reshape(B, K, G, Q // G, S)
-    s = jnp.where(mask_BTS[:, None, None], s, _MASKED)
+    s = s.reshape(B, K, G, Q // G, S) + bias_BTS[:, None, None]
     return s.reshape(B, K, Q, S)
 
 
-def _forward(q_BKQD, k_BKSD, v_BKSD, mask_BTS, seen_BQ, G, scale):
-    s = _scores(q_BKQD, k_BKSD, mask_BTS, G, scale)
+def _forward(q_BKQD, k_BKSD, v_BKSD, bias_BTS, seen_BQ, G, scale):
+    s = _scores(q_BKQD, k_BKSD, bias_BTS, G, scale)
     row_max = jnp.max(s, axis=-1, keepdims=True)
     p = jnp.exp(s - row_max)
     row_sum = jnp.sum(p, axis=-1, keepdims=True)
     p = p / row_sum
     out = jnp.einsum("bkqs,bksd->bkqd", p.astype(v_BKSD.dtype), v_BKSD, preferred_element_type=jnp.float32)
-    out = jnp.where(seen_BQ[:, None, :, None], out, 0.0)
+    out = out * seen_BQ[:, None, :, None]  # 1 or 0: rows without a visible key return exactly 0
     return out, row_max, row_sum
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def _attend(q_BKQD, k_BKSD, v_BKSD, mask_BTS, seen_BQ, G, scale):
-    return _forward(q_BKQD, k_BKSD, v_BKSD, mask_BTS, seen_BQ, G, scale)[0].astype(q_BKQD.dtype)
+def _attend(q_BKQD, k_BKSD, v_BKSD, bias_BTS, seen_BQ, G, scale):
+    return _forward(q_BKQD, k_BKSD, v_BKSD, bias_BTS, seen_BQ, G, scale)[0].astype(q_BKQD.dtype)
 
 
-def _attend_fwd(q, k, v, mask, seen, G, scale):
-    out, row_max, row_sum = _forward(q, k, v, mask, seen, G, scale)
+def _attend_fwd(q, k, v, bias, seen, G, scale):
+    out, row_max, row_sum = _forward(q, k, v, bias, seen, G, scale)
     out = out.astype(q.dtype)
-    return out, (q, k, v, mask, seen, out, row_max, row_sum)
+    return out, (q, k, v, bias, seen, out, row_max, row_sum)
 
 
 def _attend_bwd(G, scale, res, g_BKQD):
-    q, k, v, mask, seen, out, row_max, row_sum = res
-    s = _scores(q, k, mask, G, scale)
+    q, k, v, bias, seen, out, row_max, row_sum = res
+    s = _scores(q, k, bias, G, scale)
     p = jnp.exp(s - row_max) / row_sum  # the forward's probabilities, recomputed
-    g = jnp.where(seen[:, None, :, None], g_BKQD.astype(jnp.float32), 0.0)
+    g = g_BKQD.astype(jnp.float32) * seen[:, None, :, None]
     dv = jnp.einsum("bkqs,bkqd->bksd", p.astype(v.dtype), g.astype(v.dtype), preferred_element_type=jnp.float32)
     dp = jnp.einsum("bkqd,bksd->bkqs", g.astype(v.dtype), v, preferred_element_type=jnp.float32)
     delta = jnp.sum(g * out.astype(jnp.float32), axis=-1, keepdims=True)  # = rowsum(p * dp)
-    ds = (p * (dp - delta) * scale).astype(q.dtype)
-    dq = jnp.einsum("bkqs,bksd->bkqd", ds, k, preferred_element_type=jnp.float32)
-    dk = jnp.einsum("bkqs,bkqd->bksd", ds, q, preferred_element_type=jnp.float32)
+    ds = (p * (dp - delta)).astype(q.dtype)  # the softmax scale goes on the [.., D] results, not on [.., S]
+    dq = jnp.einsum("bkqs,bksd->bkqd", ds, k, preferred_element_type=jnp.float32) * scale
+    dk = jnp.einsum("bkqs,bkqd->bksd", ds, q, preferred_element_type=jnp.float32) * scale
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None
 
 
@@ -93,8 +94,9 @@ def attention_cpu(q_BTHD, k_BSKD, v_BSKD, segment_ids_BT=None, bidirectional_BT=
     G = H // K
     scale = D**-0.5 if scale is None else float(scale)
     mask_BTS = glm_mask(segment_ids_BT, bidirectional_BT, batch=B, q_len=T, kv_len=S, causal=causal)
-    seen_BQ = jnp.tile(jnp.any(mask_BTS, axis=-1), (1, G))  # [B, G*T], row g*T + t
+    seen_BQ = jnp.tile(jnp.any(mask_BTS, axis=-1), (1, G)).astype(jnp.float32)  # [B, G*T], row g*T + t
+    bias_BTS = jnp.where(mask_BTS, 0.0, _MASKED).astype(jnp.float32)
     q = _to_bkqd(q_BTHD, K)
     k = k_BSKD.transpose(0, 2, 1, 3)
     v = v_BSKD.transpose(0, 2, 1, 3)
-    return _from_bkqd(_attend(q, k, v, mask_BTS, seen_BQ, G, scale), T, q_BTHD.dtype)
+    return _from_bkqd(_attend(q, k, v, bias_BTS, seen_BQ, G, scale), T, q_BTHD.dtype)
