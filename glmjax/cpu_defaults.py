@@ -8,7 +8,7 @@ working set again: 26k minor faults and 45-70 ms of kernel time per ~180 ms tiny
 allocates from the main arena, which grows with ``brk``), ``M_MMAP_MAX=0`` (no per-allocation maps)
 and a 2 GiB ``M_TRIM_THRESHOLD`` (freed memory stays with the process for the next step): 2.6k faults
 and ~5 ms kernel time per step. It must run before JAX creates its CPU client (the arena limit only
-applies to threads that have not allocated yet).
+applies to threads that have not allocated yet); once JAX's backends exist it does nothing.
 
 Applied by ``python -m glmjax.train`` and ``tools/bench_train.py`` when the process will run on CPU
 (``JAX_PLATFORMS`` is ``cpu``, or no TPU / GPU device node exists); ``GLMJAX_CPU_MALLOC=0`` turns it
@@ -38,6 +38,17 @@ def runs_on_cpu_only() -> bool:
     return not accel
 
 
+def _jax_started() -> bool:
+    """JAX's backends exist already (e.g. a test calling the CLI in-process): too late to help, skip."""
+    if "jax" not in sys.modules:
+        return False
+    try:
+        from jax._src import xla_bridge
+        return bool(getattr(xla_bridge, "_backends", None))
+    except Exception:  # private API moved: assume started, change nothing
+        return True
+
+
 def apply_cpu_malloc_defaults() -> bool:
     """Set the glibc malloc options above when running on CPU only; True when applied (idempotent)."""
     global _applied
@@ -45,7 +56,7 @@ def apply_cpu_malloc_defaults() -> bool:
         return True
     if os.environ.get("GLMJAX_CPU_MALLOC", "1") == "0" or not sys.platform.startswith("linux"):
         return False
-    if not runs_on_cpu_only():
+    if not runs_on_cpu_only() or _jax_started():
         return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
