@@ -7,8 +7,10 @@ layout (``[B, K, G*T, D]``: the score matmuls are plain batched GEMMs with no tr
 G*T]``), recomputes ``p`` in the backward and uses ``rowsum(dO * O)`` (over head_dim) in place of
 ``rowsum(p * dp)`` (over keys), the FlashAttention identity: the scanned layers no longer stack the
 ``[B, H, T, S]`` probabilities as residuals and the backward has one reduction over head_dim instead
-of one over keys. Values are those of the reference (same formula); gradients equal autodiff's up to
-float32 rounding (``tests/test_model.py``). Used by ``attention_impl=xla``/``auto`` on CPU only.
+of one over keys. The mask enters as an additive 0 / -1e30 bias (the same logits as the reference's
+select) and the softmax scale multiplies dq / dk rather than the scores' gradient. Values equal the
+reference up to summation order, gradients equal autodiff's through it to float32 rounding
+(``tests/test_cpu_attention.py``). Used by ``attention_impl=xla``/``auto`` on CPU only (docs/benchmarks.md).
 """
 from __future__ import annotations
 
