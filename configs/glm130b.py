@@ -29,8 +29,8 @@ with tensor=8 inside a host (heads 96 divide by 8), and sequence parallelism ove
 the TPU compiler puts the train step at 97.3 GB per chip (fits, 5.5 GB = 5.4% of HBM free; without
 sequence parallelism 271.7 GB, refused); measured for this released architecture with
 ``tools/aot_compile.py --config=configs/glm130b.py --topology=v5p-1024 --no_eval`` (docs/tpu_aot.md,
-docs/aot/glm130b_v5p-1024.json). About 1.4 GB per extra sequence per shard: little headroom above
-the paper's batch of 4224.
+docs/aot/glm130b_v5p-1024*.json). About 1.4 GB per extra sequence per shard: the largest batch that
+fits is 4416 (69 per shard, 101.6 GB), little headroom above the paper's 4224.
 """
 from glmjax.config import base_config
 
