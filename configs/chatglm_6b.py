@@ -14,6 +14,11 @@ Part B at the mask position, block positions 1..; ``objective.gmask_positions=ma
 What differs: ChatGLM-6B's tokenizer (ice_text.model, with its own special ids) is not wired in (set
 ``data.tokenizer``), and its supervised fine-tuning / RLHF stages are not part of this pretraining setup;
 the objective mix below is GLM-130B's (ChatGLM-6B's pre-training mix is not published).
+
+Cost: 6 * 6.2e9 * 1e12 tokens = 3.7e22 FLOPs per trillion tokens (ChatGLM-6B saw ~1T): ~29 days on a
+TPU v5p-128 at 50% MFU. Slice: v5p-128 (64 chips, all-fsdp, ``remat=full``, 16 sequences per chip):
+the TPU compiler puts the train step at 46.4 GB per chip (fits, 56.4 GB free); the largest batch that
+fits is 2368 (37 per chip, 101.3 GB; docs/tpu_aot.md, docs/aot/chatglm_6b_v5p-128*.json).
 """
 from glmjax.config import base_config
 

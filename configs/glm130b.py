@@ -25,11 +25,12 @@ extra final norm, gate-first GeGLU, std 0.02 init) see docs/models.md; GLM-4 sty
 Cost: GLM-130B trained 400B tokens, about 3.1e23 FLOPs: ~60 days on 768 A100s at the paper's
 ~33% utilisation; on a TPU v5p-1024 at 50% MFU about 14 days. Parallelism: fsdp over all chips
 with tensor=8 inside a host (heads 96 divide by 8), and sequence parallelism over tensor
-(``model.sequence_parallel``): the TPU compiler put the train step at 91.7 GB per chip on a v5p-1024
-(fits, 11.1 GB free; without sequence parallelism 271.7 GB, refused; docs/benchmarks.md). That was
-measured on glmjax's earlier GLM-130B-like model of the same shapes (70 x 12288, 96 heads, GeGLU 32768):
-the released knobs add 6.3M parameters of 128.7B (biases, norms), well inside the margin; re-check
-with ``tools/aot_compile.py --config=configs/glm130b.py --topology=v5p-1024``.
+(``model.sequence_parallel``). Slice: v5p-1024 (512 chips, mesh 1 x 64 x 8, 66 sequences per fsdp shard of 8 chips):
+the TPU compiler puts the train step at 97.3 GB per chip (fits, 5.5 GB = 5.4% of HBM free; without
+sequence parallelism 271.7 GB, refused); measured for this released architecture with
+``tools/aot_compile.py --config=configs/glm130b.py --topology=v5p-1024 --no_eval`` (docs/tpu_aot.md,
+docs/aot/glm130b_v5p-1024*.json). About 1.4 GB per extra sequence per shard: the largest batch that
+fits is 4416 (69 per shard, 101.6 GB), little headroom above the paper's 4224.
 """
 from glmjax.config import base_config
 

@@ -9,8 +9,9 @@ of head_dim, qkv bias, no output bias, untied lm_head), so it exports natively.
 
 Parallelism on a v5p-256: fsdp 16 x tensor 8 (the 2 kv heads are repeated to 8 so q stays split by
 head), sequence parallelism over tensor, vocab-chunked loss, 2 micro-batches per step: the TPU
-compiler puts the train step at 71.2 GB per chip (fits, 31.6 GB free); all-fsdp without these
-needed 128.8 GB (refused; docs/benchmarks.md, docs/tpu_aot.md).
+compiler puts the train step at 71.2 GB per chip (fits, 31.6 GB free; re-measured in issue 11); the
+largest batch that fits at 2 micro-batches is 736 (101.5 GB; memory follows batch / grad_accum_steps);
+all-fsdp without these needed 128.8 GB (refused; docs/benchmarks.md, docs/tpu_aot.md, docs/aot/).
 """
 from glmjax.config import base_config
 

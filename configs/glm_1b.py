@@ -4,8 +4,10 @@
         --config.data.task=my_task --config.data.tokenizer=/path/tokenizer.model
 
 Cost: 20B tokens (Chinchilla-optimal, 20 tokens/parameter) at 50% MFU is about 1.7e20 FLOPs:
-~45 hours on one H100, ~6 hours on a v5p-16 (8 chips). Fits one 80 GB GPU with remat=dots and
-batch 16 x 2048 per device. Learning-rate rule: 3e-4 peak, as for GLM-4-9B scaled by
+~45 hours on one H100, ~6 hours on a v5p-16 (8 chips). Slice: v5p-16 (8 chips, all-fsdp, 12
+sequences per chip): the TPU compiler puts the train step at 44.3 GB per chip (fits, 58.5 GB free);
+the largest batch that fits is 224 (28 per chip, 99.4 GB; docs/tpu_aot.md, docs/aot/glm_1b_v5p-16*.json).
+On GPU: fits one 80 GB device with this remat policy and batch 16 x 2048 per device. Learning-rate rule: 3e-4 peak, as for GLM-4-9B scaled by
 (4096/2048)^0.5 ~ 1.4 would suggest; kept conservative with 2000 warmup steps.
 """
 from glmjax.config import base_config

@@ -329,7 +329,8 @@ def print_table(r: dict) -> None:
     print(f"machine: {mc['devices']} x {mc['device_kind']} ({mc['cpu']}, {mc['cores_usable']} of {mc['cores']} "
           f"cores); peak "
           f"{r['peak_flops_per_device']:.3g} FLOP/s per device ({r['peak_source']}); "
-          f"load avg {mc['loadavg_before'][0]:.1f} -> {mc['loadavg_after'][0]:.1f}")
+          f"load avg {mc['loadavg_before'][0]:.1f} -> {mc['loadavg_after'][0]:.1f}; glibc malloc CPU defaults "
+          f"{'on' if r.get('cpu_malloc_defaults') else 'off'} (glmjax/cpu_defaults.py)")
     head = (f"| {'framework':<34} | {'first call s':>12} | {'step ms (median)':>16} | {'CPU ms/step':>11} | "
             f"{'tokens/s':>10} | {'MFU':>6} |")
     print(head)
@@ -349,6 +350,9 @@ def print_table(r: dict) -> None:
 def main(argv=None) -> None:
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from glmjax.cpu_defaults import apply_cpu_malloc_defaults
+
+    malloc_tuned = apply_cpu_malloc_defaults()  # as python -m glmjax.train does (before JAX starts)
     from glmjax.config import ConfigError, load_config, validate
 
     try:
@@ -359,9 +363,11 @@ def main(argv=None) -> None:
             print_dry_run(result)
         else:
             result = measure(cfg, args, args.config)
+            result["cpu_malloc_defaults"] = malloc_tuned
             print_table(result)
     except ConfigError as e:
         sys.exit(f"config error: {e}")
+    result["cpu_malloc_defaults"] = malloc_tuned
     result["command"] = " ".join(["python", "tools/bench_train.py", *(sys.argv[1:] if argv is None else argv)])
     if args.out:
         with open(args.out, "w") as f:

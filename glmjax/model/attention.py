@@ -5,6 +5,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 import pallas_kernels
+from glmjax.model.cpu_attention import attention_cpu
 from glmjax.model.layers import dense, dtype_of, param
 from glmjax.model.rope import apply_rope
 from glmjax.sharding import constrain, current_mesh
@@ -43,6 +44,8 @@ def attend(q_BTHD, k_BSKD, v_BSKD, segment_ids_BT, bidirectional_BT, *, impl: st
         kernel = pallas_kernels.resolve_implementation(impl)
     args = (q_BTHD, k_BSKD, v_BSKD, segment_ids_BT, bidirectional_BT)
     if kernel == "xla":
+        if platform == "cpu":  # same values, a cheaper backward on XLA:CPU (glmjax/model/cpu_attention.py)
+            return attention_cpu(*args, causal=True)
         return pallas_kernels.flash_attention(*args, causal=True, implementation="xla")
     return pallas_kernels.sharded_flash_attention(*args, mesh=mesh, causal=True, implementation=kernel,
                                                   interpret=interpret)

@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels import target_platform
+
 
 def rotary_dim(head_dim: int, partial_rotary_factor: float) -> int:
     """Dims rotated by one position stream."""
@@ -32,7 +34,13 @@ def _rotate(x_BTHR, pos_BT, theta: float, style: str):
     r = x_BTHR.shape[-1]
     inv_freq = 1.0 / (theta ** (jnp.arange(0, r, 2, dtype=jnp.float32) / r))  # [r/2]
     angle_BTF = pos_BT.astype(jnp.float32)[..., None] * inv_freq
-    cos, sin = jnp.cos(angle_BTF)[:, :, None], jnp.sin(angle_BTF)[:, :, None]
+    cos, sin = jnp.cos(angle_BTF), jnp.sin(angle_BTF)
+    if target_platform() == "cpu":
+        # materialise the [B, T, r/2] tables: XLA:CPU otherwise fuses cos/sin into every consumer and
+        # evaluates them once per head (forward and backward); as buffers they depend only on the
+        # positions and are hoisted out of the scanned layers (same values)
+        cos, sin = jax.lax.optimization_barrier((cos, sin))
+    cos, sin = cos[:, :, None], sin[:, :, None]
     x = x_BTHR.astype(jnp.float32)
     if style == "half":
         x1, x2 = x[..., :r // 2], x[..., r // 2:]

@@ -49,6 +49,9 @@ def parse_args(argv):
 
 def main(argv=None) -> None:
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    from glmjax.cpu_defaults import apply_cpu_malloc_defaults
+
+    apply_cpu_malloc_defaults()  # CPU-only hosts: keep XLA:CPU's step buffers mapped (before JAX starts)
     from glmjax.console import setup_logging
 
     try:
