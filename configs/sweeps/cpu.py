@@ -4,7 +4,8 @@
     python tools/sweep.py run --plan=/tmp/sweep_cpu --backend=inprocess   # resumable: rerun the same command
     python tools/sweep.py report --plan=/tmp/sweep_cpu       # fit.json, PNG plots, report.md
 
-Cost: estimated 15-25 minutes on an idle 2-core CPU (no accelerator); not measured yet (docs/benchmarks.md).
+Cost: measured 56 min wall on a 2-core AMD EPYC shared by five sessions (load ~10), peak RSS 2.0 GB; an idle
+2-core CPU is several times faster (docs/benchmarks.md, results and fit in docs/scaling.md).
 Rules (glmjax/scaling/plan.py, docs/scaling.md): budget C centres its 4 sizes on sqrt(C / (6 * 20));
 sizes a factor sqrt(3) apart on a global ladder, budgets 3x apart, so neighbouring budgets share 3 of
 their 4 shapes; width d in multiples of 16, depth round(d / 32), heads d / 16, SwiGLU mlp 8/3 d; batch
