@@ -39,6 +39,8 @@ import os
 
 import numpy as np
 
+from glmjax.export import glm_originals
+
 CHATGLM2_KNOBS = dict(norm="rmsnorm_pre", mlp="swiglu", glu_order="gate_first", qkv_bias=True, attn_out_bias=False,
                       mlp_bias=False, embedding_norm=False, final_norm=True, rope_2d=False, rope_style="interleaved",
                       partial_rotary_factor=0.5, tie_embeddings=False)
@@ -50,10 +52,7 @@ _REQUIRED = {"rmsnorm": (True, "glmjax's pre-norm block uses RMSNorm"),
              "add_bias_linear": (False, "no biases on the attention output and MLP matrices")}
 
 
-def _err(message: str):
-    from glmjax.export.from_hf import ImportError_
-
-    return ImportError_(message)
+_err = glm_originals._err
 
 
 def is_chatglm2(config: dict) -> bool:
@@ -88,15 +87,11 @@ def chatglm2_model_config(config: dict) -> dict:
 
 
 def _shape_checked(get, m):
-    def need(name, shape):
-        x = get(name)
-        if tuple(x.shape) != tuple(shape):
-            raise _err(f"tensor {name!r} has shape {tuple(x.shape)} but config.json (num_layers={m.num_layers}, "
-                       f"hidden_size={m.hidden_size}, num_attention_heads={m.num_heads}, multi_query_group_num="
-                       f"{m.num_kv_heads}, kv_channels={m.head_dim}, ffn_hidden_size={m.mlp_dim}, padded_vocab_size="
-                       f"{m.vocab_size}) implies {tuple(shape)}: the weights do not belong to this config.json")
-        return x
-    return need
+    keys = (f"num_layers={m.num_layers}, hidden_size={m.hidden_size}, num_attention_heads={m.num_heads}, "
+            f"multi_query_group_num={m.num_kv_heads}, kv_channels={m.head_dim}, ffn_hidden_size={m.mlp_dim}, "
+            f"padded_vocab_size={m.vocab_size}")
+    return glm_originals._shape_checked(get, m, "config.json", keys,
+                                        "the weights do not belong to this config.json")
 
 
 def _split_qkv(x, H, K, hd):

@@ -152,15 +152,18 @@ class TorchBinGetter:
         return self._get(name)
 
 
-def _shape_checked(get, m, source: str):
-    """``need(name, shape)``: the tensor, or an error naming it when its shape disagrees with the config."""
+def _shape_checked(get, m, source: str, keys: str | None = None, fix: str | None = None):
+    """``need(name, shape)``: the tensor, or an error naming it when its shape disagrees with the config.
+    ``keys`` spells the shape keys as ``source`` names them; ``fix`` says what to do."""
+    keys = keys or (f"num_layers={m.num_layers}, hidden_size={m.hidden_size}, num_heads={m.num_heads}, "
+                    f"head_dim={m.head_dim}, mlp_dim={m.mlp_dim}, vocab_size={m.vocab_size}")
+    fix = fix or "pass the config this checkpoint was trained with (or override the differing model.* keys)"
+
     def need(name, shape):
         x = get(name)
         if tuple(x.shape) != tuple(shape):
-            raise _err(f"tensor {name!r} has shape {tuple(x.shape)} but {source} (num_layers={m.num_layers}, "
-                       f"hidden_size={m.hidden_size}, num_heads={m.num_heads}, head_dim={m.head_dim}, "
-                       f"mlp_dim={m.mlp_dim}, vocab_size={m.vocab_size}) implies {tuple(shape)}: pass the "
-                       f"config this checkpoint was trained with (or override the differing model.* keys)")
+            raise _err(f"tensor {name!r} has shape {tuple(x.shape)} but {source} ({keys}) implies "
+                       f"{tuple(shape)}: {fix}")
         return x
     return need
 
@@ -215,7 +218,7 @@ def original_state_dict(params, m) -> dict[str, np.ndarray]:
     from glmjax.export.hf_mapping import tree_reader
 
     read = tree_reader(params, m)
-    D, H, hd, F, L = m.hidden_size, m.num_heads, m.head_dim, m.mlp_dim, m.num_layers
+    D, H, hd, L = m.hidden_size, m.num_heads, m.head_dim, m.num_layers
     f32 = lambda x: np.ascontiguousarray(np.asarray(x, np.float32))  # noqa: E731
     t = "transformer."
     out = {t + "word_embeddings.weight": f32(read(("embed",), None))}
