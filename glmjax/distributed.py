@@ -125,3 +125,42 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
             jax.distributed.initialize(initialization_timeout=jax_timeout)
     log.info("%s is process %d of %d: %d local / %d global devices (%s)", _identity(), jax.process_index(),
              jax.process_count(), jax.local_device_count(), jax.device_count(), jax.devices()[0].platform)
+
+
+_barrier_count = 0
+
+
+def sync_processes(name: str, timeout_s: float = 1800) -> None:
+    """Blocks until every process reaches this point; a no-op for a single-process run.
+
+    Uses the coordination service's barrier, not a device collective, so no gloo / NCCL context is
+    created and no device time is spent. ``timeout_s`` bounds how far apart hosts may arrive (their
+    compile times can differ by minutes on a busy cluster).
+    """
+    global _barrier_count
+    if jax.process_count() == 1:
+        return
+    from jax._src import distributed as _dist  # the client has no public accessor in this JAX
+    _barrier_count += 1
+    _dist.global_state.client.wait_at_barrier(f"glmjax:{_barrier_count}:{name}", int(timeout_s * 1000))
+
+
+def compiled_in_step(fn, name: str):
+    """``fn`` (a jitted function), compiled ahead of its first call on every process, then synchronised.
+
+    On CPU, gloo sets up its connections for a set of devices at the first collective that uses them
+    and gives peers only 30 s to arrive; a process that compiles faster than another (a busy host)
+    would fail with ``Gloo context initialization failed``. Compiling first and meeting at a
+    coordination barrier (:func:`sync_processes`) before the first execution removes that race on any
+    platform. Single-process runs get ``fn`` unchanged.
+    """
+    if jax.process_count() == 1:
+        return fn
+    compiled = {}
+
+    def call(*args):
+        if "fn" not in compiled:
+            compiled["fn"] = fn.lower(*args).compile()
+            sync_processes(f"{name} compiled")
+        return compiled["fn"](*args)
+    return call

@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from glmjax.checkpoint import Checkpointer, check_compatible, init_workdir_from
 from glmjax.config import validate
+from glmjax.distributed import compiled_in_step
 from glmjax.scaling.flops import flops_per_token
 from glmjax.sharding import batch_sharding, make_mesh
 from glmjax.train.metrics import MetricsWriter, peak_flops_per_device
@@ -94,7 +95,8 @@ def train(cfg, workdir: str, *, restart: bool = True, pipelines=None) -> dict:
              fpt.non_embedding_params / 1e6, dict(mesh.shape))
     train_iter, make_eval_iter, to_global = pipelines or _default_pipelines(cfg)
     bsh = batch_sharding(mesh)
-    evaluate = Evaluator(cfg, make_eval_step(cfg, spec, mesh), make_eval_iter, to_global, bsh)
+    eval_step = compiled_in_step(make_eval_step(cfg, spec, mesh), "eval step")
+    evaluate = Evaluator(cfg, eval_step, make_eval_iter, to_global, bsh)
     if cfg.eval_every:
         try:
             evaluate.prepare()  # an empty validation split fails here, before anything is compiled
@@ -127,7 +129,7 @@ def train(cfg, workdir: str, *, restart: bool = True, pipelines=None) -> dict:
     is_main = jax.process_index() == 0
     writer = MetricsWriter(workdir, enabled=is_main)
     writer.truncate_after(start if restored is not None else -1)  # a fresh start rewrites step 0 as well
-    train_step = make_train_step(cfg, spec, mesh)
+    train_step = compiled_in_step(make_train_step(cfg, spec, mesh), "train step")
     peak, peak_src = peak_flops_per_device()
     log.info("peak FLOP/s per device: %.3g (%s); %d devices", peak, peak_src, jax.device_count())
 
