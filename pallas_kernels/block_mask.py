@@ -11,9 +11,15 @@ For each query row we derive two key ranges (``[B, T]`` int32 each):
 
 When segments are contiguous and ``bid`` is a prefix of each segment (GLM Part A), the two ranges
 coincide and equal the exact visible set ``[segment_start, max(i + 1, part_a_end))``. For any
-other input (non-prefix ``bid``, non-contiguous segment ids) the ranges stay conservative: blocks
-are classified *partial* more often and the kernels apply the exact element mask there, so results
-stay exact. Empty rows (padding, segment id 0) get ``lo == hi == full_lo == full_hi == 0``.
+other input the ranges stay conservative: a non-prefix ``bid`` makes them looser, and a batch row
+whose non-zero segment ids do not increase along it (an id reused after a gap, ids out of order)
+gets the whole row as outer range and nothing FULL. Blocks are then classified *partial* more
+often and the kernels apply the exact element mask there, so results stay exact. Empty rows
+(padding, segment id 0) get ``lo == hi == full_lo == full_hi == 0``.
+
+The ranges are computed without a sort: a segment is a run of equal ids, its bounds and Part A
+bounds come from running max / min scans over positions (:func:`_running_max`, a blocked masked
+reduction), so the schedule compiles quickly for XLA:TPU at long T (docs/benchmarks.md).
 
 A (query block, key block) pair is EMPTY when no row's outer range meets the key block, FULL when
 every row's full range covers it, else PARTIAL. ``block_kind`` is written with plain ``jnp`` max /
