@@ -11,9 +11,15 @@ For each query row we derive two key ranges (``[B, T]`` int32 each):
 
 When segments are contiguous and ``bid`` is a prefix of each segment (GLM Part A), the two ranges
 coincide and equal the exact visible set ``[segment_start, max(i + 1, part_a_end))``. For any
-other input (non-prefix ``bid``, non-contiguous segment ids) the ranges stay conservative: blocks
-are classified *partial* more often and the kernels apply the exact element mask there, so results
-stay exact. Empty rows (padding, segment id 0) get ``lo == hi == full_lo == full_hi == 0``.
+other input the ranges stay conservative: a non-prefix ``bid`` makes them looser, and a batch row
+whose non-zero segment ids do not increase along it (an id reused after a gap, ids out of order)
+gets the whole row as outer range and nothing FULL. Blocks are then classified *partial* more
+often and the kernels apply the exact element mask there, so results stay exact. Empty rows
+(padding, segment id 0) get ``lo == hi == full_lo == full_hi == 0``.
+
+The ranges are computed without a sort: a segment is a run of equal ids, its bounds and Part A
+bounds come from running max / min scans over positions (:func:`_running_max`, a blocked masked
+reduction), so the schedule compiles quickly for XLA:TPU at long T (docs/benchmarks.md).
 
 A (query block, key block) pair is EMPTY when no row's outer range meets the key block, FULL when
 every row's full range covers it, else PARTIAL. ``block_kind`` is written with plain ``jnp`` max /
@@ -23,50 +29,100 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from pallas_kernels.common import idiv
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
 
 
-def _row_ranges_1d(seg_T: jax.Array, bid_T: jax.Array, causal: bool):
-    """Ranges for one batch row: returns (lo, hi, full_lo, full_hi, q_lo, q_hi), each ``[T]``."""
-    T = seg_T.shape[0]
-    idx = jnp.arange(T, dtype=jnp.int32)
-    # Dense id per distinct segment value: position of its first occurrence in sorted order.
-    perm = jnp.argsort(seg_T, stable=True)
-    rank = jnp.searchsorted(seg_T[perm], seg_T, side="left").astype(jnp.int32)
+_SCAN_TILE = 128
+_LOW = jnp.iinfo(jnp.int32).min
 
-    def per_seg(op, data):
-        return op(data, rank, num_segments=T)[rank]
 
-    seg_lo = per_seg(jax.ops.segment_min, idx)
-    seg_hi = per_seg(jax.ops.segment_max, idx) + 1
-    count = per_seg(jax.ops.segment_sum, jnp.ones_like(idx))
-    contiguous = (seg_hi - seg_lo) == count
-    bid_hi = per_seg(jax.ops.segment_max, jnp.where(bid_T, idx + 1, 0))  # 1 + last bid key
-    first_causal = per_seg(jax.ops.segment_min, jnp.where(bid_T, T, idx))
+def _running_max(x):
+    """Inclusive running max along the last axis of an int32 ``[N, T]`` array, blocked: a masked
+    reduction inside each tile of 128 (``[N, T/128, 128, 128]``, fused by XLA), the same recursively
+    over the tiles' maxima, then combined. No sort and no scan primitive: ``lax.cummax`` lowers to
+    a window-T reduce-window and ``lax.associative_scan`` to strided slices, which XLA:TPU takes
+    minutes to compile at T = 262,144 (docs/benchmarks.md)."""
+    N, T = x.shape
+    c = min(_SCAN_TILE, T)
+    n = -(-T // c)
+    tiles = jnp.pad(x, ((0, 0), (0, n * c - T)), constant_values=_LOW).reshape(N, n, c)
+    upto = lax.broadcasted_iota(jnp.int32, (c, c), 1) <= lax.broadcasted_iota(jnp.int32, (c, c), 0)
+    out = jnp.max(jnp.where(upto, tiles[:, :, None, :], _LOW), axis=-1)  # within each tile
+    if n > 1:
+        totals = _running_max(out[:, :, -1])  # over whole tiles
+        before = jnp.concatenate([jnp.full((N, 1), _LOW, x.dtype), totals[:, :-1]], axis=1)
+        out = jnp.maximum(out, before[:, :, None])
+    return out.reshape(N, n * c)[:, :T]
+
+
+def _scans(*specs):
+    """Several running scans of ``[B, T]`` int32 arrays as one :func:`_running_max` (one program
+    piece to compile, not one per scan). ``specs``: ``(x, op, reverse)`` with ``op`` "max" or
+    "min" (a min is the max of ``-x``: the values here are positions, far from int32's limits)."""
+    B = specs[0][0].shape[0]
+    rows = []
+    for x, op, reverse in specs:
+        x = -x if op == "min" else x
+        rows.append(x[:, ::-1] if reverse else x)
+    out = _running_max(jnp.concatenate(rows, axis=0))
+    res = []
+    for k, (_, op, reverse) in enumerate(specs):
+        y = out[k * B:(k + 1) * B]
+        y = y[:, ::-1] if reverse else y
+        res.append(-y if op == "min" else y)
+    return res
+
+
+def _ranges_2d(seg: jax.Array, bid: jax.Array, causal: bool):
+    """Ranges of ``[B, T]`` rows: (lo, hi, full_lo, full_hi, q_lo, q_hi, full_q_lo, full_q_hi).
+
+    Sort-free: a segment is a *run* of equal ids; its bounds are running max / min scans of the
+    run starts and ends, its Part A bounds scans of ``bid``, carried to the whole run by one more
+    scan each.
+    """
+    B, T = seg.shape
+    idx = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    new = seg[:, 1:] != seg[:, :-1]
+    true = jnp.ones((B, 1), bool)
+    start = jnp.concatenate([true, new], axis=1)  # a run begins at i
+    end = jnp.concatenate([new, true], axis=1)  # a run ends at i
+    nz = seg != 0
+    seg_lo, seg_hi, last_bid, next_causal, seen = _scans(
+        (jnp.where(start, idx, 0), "max", False),  # the run's first position
+        (jnp.where(end, idx + 1, T), "min", True),  # 1 + its last
+        (jnp.where(bid, idx + 1, 0), "max", False),  # 1 + the last bid key up to i
+        (jnp.where(bid, T, idx), "min", True),  # the first causal key from i on
+        (jnp.where(nz, seg, _LOW), "max", False))  # the largest non-zero id up to i
+    bid_hi, first_causal = _scans(
+        (jnp.where(end, last_bid, T), "min", True),  # last_bid at the run's end
+        # next_causal at the run's start (non-decreasing over run starts: the latest start wins)
+        (jnp.where(start, next_causal, 0), "max", False))
+    bid_hi = jnp.where(bid_hi > seg_lo, bid_hi, 0)  # 1 + the run's last bid key, 0 if none
     prefix_end = jnp.minimum(first_causal, seg_hi)  # end of the bid run that starts the segment
 
     if causal:
         lo, hi = seg_lo, jnp.maximum(idx + 1, bid_hi)
         full_hi = jnp.maximum(idx + 1, prefix_end)
         # Queries that may see key j: the whole segment if bid[j], else [j, seg_hi).
-        q_lo = jnp.where(bid_T, seg_lo, idx)
+        q_lo = jnp.where(bid, seg_lo, idx)
     else:
         lo, hi, full_hi = seg_lo, seg_hi, seg_hi
         q_lo = seg_lo
-    q_hi = seg_hi
-    full_lo = jnp.where(contiguous, seg_lo, 0)
-    full_hi = jnp.where(contiguous, full_hi, 0)
-    # Within a contiguous segment the queries seeing key j are exactly [q_lo, q_hi).
-    full_q_lo = jnp.where(contiguous, q_lo, 0)
-    full_q_hi = jnp.where(contiguous, q_hi, 0)
+    out = (lo, hi, seg_lo, full_hi, q_lo, seg_hi, q_lo, seg_hi)
 
-    valid = seg_T != 0
-    zero = jnp.zeros_like(idx)
-    return tuple(jnp.where(valid, r, zero)
-                 for r in (lo, hi, full_lo, full_hi, q_lo, q_hi, full_q_lo, full_q_hi))
+    # Runs are whole segments iff no non-zero id comes back after a gap; ids that increase along
+    # the row (what packing writes: 1, 2, ...; padding 0 anywhere) guarantee it. Other rows get
+    # the trivially conservative ranges: every key, nothing FULL (exact, no block skipping).
+    # (A row whose first id is int32's minimum also counts as not increasing: conservative.)
+    bad = start[:, 1:] & nz[:, 1:] & (seg[:, 1:] <= seen[:, :-1])
+    increasing = ~jnp.any(bad, axis=1, keepdims=True)
+    zero, whole = jnp.zeros_like(idx), jnp.full_like(idx, T)
+    fallback = (zero, whole, zero, zero, zero, whole, zero, zero)
+    return tuple(jnp.where(nz, jnp.where(increasing, r, f), zero) for r, f in zip(out, fallback))
 
 
 def key_ranges(segment_ids_BT: jax.Array, bidirectional_BT: jax.Array, *, causal: bool):
@@ -79,7 +135,7 @@ def key_ranges(segment_ids_BT: jax.Array, bidirectional_BT: jax.Array, *, causal
     """
     seg = segment_ids_BT.astype(jnp.int32)
     bid = bidirectional_BT.astype(bool)
-    out = jax.vmap(lambda s, b: _row_ranges_1d(s, b, causal))(seg, bid)
+    out = _ranges_2d(seg, bid, causal)
     names = ("lo", "hi", "full_lo", "full_hi", "q_lo", "q_hi", "full_q_lo", "full_q_hi")
     return dict(zip(names, out))
 
