@@ -315,6 +315,12 @@ def validate(cfg, num_devices: int | None = None) -> None:
     _require(on_reshard in ("error", "restart"),
              f"data.on_reshard={on_reshard!r} is not 'error' or 'restart': it says what a resume does when "
              f"the saved data position does not fit the new host / mesh layout; use one of those two")
+    streams = cfg.data.get("streams", 0)
+    _require(isinstance(streams, int) and not isinstance(streams, bool) and streams >= 0
+             and (streams == 0 or cfg.batch_size % streams == 0),
+             f"data.streams={streams!r} must be 0 (auto) or a positive divisor of batch_size={cfg.batch_size}: "
+             f"the global batch is made of that many equal streams; e.g. --config.data.streams=0, or a "
+             f"multiple of the largest host count the job may run on that divides batch_size")
     if num_devices is None:
         return
     data, fsdp, tensor = resolve_mesh_shape(cfg, num_devices)
