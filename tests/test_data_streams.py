@@ -33,24 +33,25 @@ def _with_streams(cfg, count):
     return c
 
 
-def _global_batches(cfg, n):
-    """The uninterrupted run's global batches (one host holding every row)."""
-    pipe = make_pipeline(cfg, "train", process_index=0, process_count=1)
-    out = [next(pipe)["tokens"] for _ in range(n)]
-    pipe.close()
-    return out
+_RUNS = {}
 
 
-def _checkpoint(cfg, hosts):
-    """Every host's saved state after STEPS batches on ``hosts`` hosts (JSON round trip, as on disk)."""
-    saved = []
-    for h in range(hosts):
-        pipe = make_pipeline(cfg, "train", process_index=h, process_count=hosts)
-        for _ in range(STEPS):
-            next(pipe)
-        saved.append(json.loads(json.dumps(pipe.get_state())))
-        pipe.close()
-    return saved
+def _run(cfg, count, hosts):
+    """``hosts`` hosts of an uninterrupted run over ``count`` streams: every host's saved state after
+    STEPS batches (JSON round trip, as on disk) and the global batches after it (the hosts' rows)."""
+    key = (count, hosts)
+    if key not in _RUNS:
+        c = _with_streams(cfg, count)
+        saved, rows = [], []
+        for h in range(hosts):
+            pipe = make_pipeline(c, "train", process_index=h, process_count=hosts)
+            for _ in range(STEPS):
+                next(pipe)
+            saved.append(json.loads(json.dumps(pipe.get_state())))
+            rows.append([next(pipe)["tokens"] for _ in range(MORE)])
+            pipe.close()
+        _RUNS[key] = saved, [np.concatenate([r[i] for r in rows]) for i in range(MORE)]
+    return _RUNS[key]
 
 
 def _resume(cfg, saved, hosts):
@@ -68,14 +69,23 @@ def _resume(cfg, saved, hosts):
 @pytest.mark.parametrize("streams_, old, new", [(4, 4, 2), (2, 2, 4), (1, 1, 8)])
 def test_resume_on_another_host_count_continues_batch_for_batch(cfg, streams_, old, new):
     c = _with_streams(cfg, streams_)
-    want = _global_batches(c, STEPS + MORE)[STEPS:]
-    saved = _checkpoint(c, old)
+    saved, want = _run(cfg, streams_, old)  # the uninterrupted run's global batches after STEPS
     # each stream is saved once, by its owner (the lowest host holding its first row)
     owned = [sorted(map(int, s["stream_states"])) for s in saved]
     assert sorted(sum(owned, [])) == list(range(streams_)), owned
     assert all(s["batches"] == STEPS for s in saved)
     assert all(snap["batches"] == 2 for s in saved for snap in s["stream_states"].values())
     got = _resume(c, saved, new)
+    for x, y in zip(want, got):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_the_global_batches_do_not_depend_on_the_host_count(cfg):
+    """One host running both streams yields the rows two hosts of one stream each yield."""
+    _, want = _run(cfg, 2, 2)
+    pipe = make_pipeline(_with_streams(cfg, 2), "train", process_index=0, process_count=1)
+    got = [next(pipe)["tokens"] for _ in range(STEPS + MORE)][STEPS:]
+    pipe.close()
     for x, y in zip(want, got):
         np.testing.assert_array_equal(x, y)
 
@@ -95,7 +105,7 @@ def test_stream_layout_of_hosts():
 
 def test_changed_stream_settings_are_refused_with_the_fix_or_restart(cfg, caplog):
     c = _with_streams(cfg, 2)
-    saved = _checkpoint(c, 2)
+    saved, _ = _run(cfg, 2, 2)
     pipe = make_pipeline(_with_streams(cfg, 4), "train", process_index=0, process_count=2)
     with pytest.raises(ValueError, match="streams=2 but this run has 4.*data.streams=0 keeps the checkpoint's"
                                          ".*on_reshard=restart"):
@@ -124,7 +134,7 @@ def test_changed_stream_settings_are_refused_with_the_fix_or_restart(cfg, caplog
 def test_a_state_saved_before_streams_continues_as_its_one_stream(cfg):
     """A version-2 state (one per row group) is the state of stream g of n."""
     c = _with_streams(cfg, 2)
-    saved = _checkpoint(c, 2)
+    saved, _ = _run(cfg, 2, 2)
     v2 = {k: saved[1][k] for k in ("split", "batches", "seed", "task", "batch_size", "seq_len")}
     v2.update(version=2, process_index=1, process_count=2, snapshot=saved[1]["stream_states"]["1"])
     want = make_pipeline(c, "train", process_index=1, process_count=2)

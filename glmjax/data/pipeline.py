@@ -79,7 +79,18 @@ class Pipeline:
         self.wait_seconds = 0.0  # time __next__ spent blocked on the prefetch queue
         self._consumed = 0
         self._prefetcher: Prefetcher | None = None
-        self._start(0, {})
+        # built now (a bad path fails here), iterated once the position is known: start() / set_state()
+        self._fresh = {v: build_dataset(cfg, split, v, layout.streams) for v in layout.indices}
+
+    def _dataset(self, v: int):
+        """Stream ``v``'s dataset, never iterated (a second iterator of one would reshuffle differently)."""
+        ds = self._fresh.pop(v, None)
+        return ds if ds is not None else build_dataset(self.cfg, self.split, v, self.layout.streams)
+
+    def start(self) -> None:
+        """Begin producing from the start of the data (in the background); ``next`` does it if needed."""
+        if self._prefetcher is None:
+            self._start(0, {})
 
     def _start(self, consumed: int, snaps: dict):
         """Stands every stream at batch ``consumed``, from its snapshot ``snaps[v]`` where there is one."""
@@ -92,7 +103,7 @@ class Pipeline:
             if not 0 <= start <= consumed:
                 raise ValueError(f"data iterator state: stream {v}'s snapshot at batch {start} is after the "
                                  f"position {consumed}")
-            iterator = iter(build_dataset(self.cfg, self.split, v, self.layout.streams))
+            iterator = iter(self._dataset(v))
             if snap:
                 try:
                     snapshot.restore(iterator, snap["iterator"])
@@ -100,7 +111,7 @@ class Pipeline:
                     log.warning("data iterator snapshot of stream %d at batch %d does not fit this pipeline (%s); "
                                 "recomputing the %d batches from the start instead", v, start, e, consumed)
                     # a fresh dataset: a second iterator of the same one would reshuffle differently
-                    iterator = iter(build_dataset(self.cfg, self.split, v, self.layout.streams))
+                    iterator = iter(self._dataset(v))
                     start, snap = 0, None
             iterators.append(iterator)
             starts.append(start)
@@ -115,6 +126,7 @@ class Pipeline:
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
+        self.start()
         t0 = time.perf_counter()
         batch = self._prefetcher.get()
         self.wait_seconds += time.perf_counter() - t0

@@ -133,6 +133,8 @@ def train(cfg, workdir: str, *, restart: bool = True, pipelines=None) -> dict:
                 train_iter.set_state(data_state, others=ckpt.saved_data_states(restored_step))
             else:
                 train_iter.set_state(data_state)
+    if hasattr(train_iter, "start"):
+        train_iter.start()  # produce the first batches while the step compiles (a no-op after set_state)
     start = int(jax.device_get(state.step))
     if start >= cfg.steps:
         if hasattr(train_iter, "close"):
