@@ -1,18 +1,22 @@
-"""A resized job continues its data: ``python -m glmjax.train`` checkpointed on 4 local processes x 2 CPU
-devices, resumed on 2 processes x 4 devices, then on 4 x 2 again, trains with the losses of one
-uninterrupted 1-process 8-device run (same global batches; float32, rtol 1e-5).
+"""A resized job continues its data: ``python -m glmjax.train`` checkpointed on 2 local processes x 4 CPU
+devices, resumed on 4 processes x 2 devices (2 -> 4), checkpointed there and resumed on 2 x 4 again
+(4 -> 2), trains with the losses of one uninterrupted 1-process 8-device run (same global batches;
+float32, rtol 1e-5).
 
-Mesh data=2, fsdp=2, tensor=2 throughout: on 4 hosts each host holds 2 rows of the batch of 8 (4 row
-groups), on 2 hosts 4 rows. The first phase fixes data.streams (auto: one per row group = 4); on 2
-hosts each host runs 2 streams, and on 4 hosts again one each, reading the positions that other hosts
-saved (processes 2 and 3 find no file of their own in a checkpoint of the 2-host phase).
+Mesh data=2, fsdp=2, tensor=2 throughout: on 2 hosts each host holds 4 rows of the batch of 8, on 4
+hosts 2 rows. The first phase fixes data.streams (auto: one per row group = 2). On 4 hosts two hosts
+share each stream (each computes its 4 rows and keeps 2; processes 2 and 3 find no file of their own
+and read the positions other hosts saved); back on 2 hosts each reads the stream saved by its owner
+(processes 0 and 2 of the 4-host phase).
 """
 import json
 import os
 import re
+import resource
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +26,7 @@ from glmjax.data import testing
 from glmjax.train.loop import train
 
 REPO = Path(__file__).resolve().parents[1]
-PHASES = ((4, 2), (2, 4), (4, 6))  # (processes, steps at the end of the phase): 4 -> 2 -> 4 hosts
+PHASES = ((2, 2), (4, 4), (2, 6))  # (processes, steps at the end of the phase): 2 -> 4 -> 2 hosts
 
 
 def free_port():
@@ -36,6 +40,7 @@ def overrides(tmp, steps):
             "--config.model.vocab_size=512", "--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2",
             "--config.eval_every=0", "--config.log_every=1", "--config.checkpoint.every=2",
             "--config.checkpoint.async_save=false", "--config.optimizer.warmup_steps=2",
+            "--config.optimizer.schedule=constant",  # a decay would depend on each phase's --config.steps
             f"--config.data.task=text:{tmp}/docs/*.txt", f"--config.data.cache_dir={tmp}/cache",
             "--config.data.tokenizer_sample_chars=300000", "--config.data.shuffle_buffer=16",
             "--config.data.prefetch=1", "--config.data.snapshot_every=1"]
@@ -60,28 +65,40 @@ def run_phase(tmp, workdir, processes, steps):
     return logs
 
 
-def test_checkpoint_on_4_hosts_resumes_on_2_and_back_with_the_uninterrupted_losses(tmp_path):
+def test_checkpoint_on_2_hosts_resumes_on_4_and_back_with_the_uninterrupted_losses(tmp_path):
     testing.write_corpus(str(tmp_path / "docs"), 16, seed=21)
-    # the uninterrupted run: one process driving all 8 devices, the same 4 streams (pinned: auto gives 1 here)
-    cfg = load_config(str(REPO / "configs/tiny.py"), [*overrides(tmp_path, PHASES[-1][1]), "--config.data.streams=4"])
+    # the uninterrupted run: one process driving all 8 devices, the same 2 streams (pinned: auto gives 1 here)
+    t0 = time.perf_counter()
+    cfg = load_config(str(REPO / "configs/tiny.py"), [*overrides(tmp_path, PHASES[-1][1]), "--config.data.streams=2"])
     train(cfg, str(tmp_path / "straight"))
     want = losses(tmp_path / "straight")
     assert sorted(want) == list(range(1, 7))
+    times = [time.perf_counter() - t0]
 
     workdir = tmp_path / "resized"
-    all_logs = [run_phase(tmp_path, workdir, n, steps) for n, steps in PHASES]
+    all_logs = []
+    for n, steps in PHASES:
+        t0 = time.perf_counter()
+        all_logs.append(run_phase(tmp_path, workdir, n, steps))
+        times.append(time.perf_counter() - t0)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    print(f"wall seconds: reference {times[0]:.1f}, phases {[round(t, 1) for t in times[1:]]}; "
+          f"CPU seconds of the {sum(n for n, _ in PHASES)} processes: {children.ru_utime + children.ru_stime:.1f}")
     got = losses(workdir)
     assert sorted(got) == list(range(1, 7))
     np.testing.assert_allclose([got[s] for s in range(1, 7)], [want[s] for s in range(1, 7)], rtol=1e-5)
 
-    saved = json.loads((workdir / "checkpoints" / "4" / "config" / "config.json").read_text())
-    assert saved["data"]["streams"] == 4  # fixed by the first (4-host) phase, kept by the 2-host one
-    # the 2-host checkpoint: each host saved the positions of its own two streams
-    for i, streams in enumerate(([0, 1], [2, 3])):
+    for step in (4, 6):
+        saved = json.loads((workdir / "checkpoints" / str(step) / "config" / "config.json").read_text())
+        assert saved["data"]["streams"] == 2  # fixed by the first (2-host) phase, kept by the 4-host one
+    # the 4-host checkpoint: each stream saved once, by its owner (process 0: stream 0, process 2: stream 1)
+    owned = []
+    for i in range(4):
         state = json.loads((workdir / "checkpoints" / "4" / "data" / f"process_{i}.json").read_text())
-        assert state["batches"] == 4 and sorted(map(int, state["stream_states"])) == streams
+        assert state["batches"] == 4 and state["streams"] == 2
         assert all(s is not None for s in state["stream_states"].values())  # resumed through snapshots
-    assert not (workdir / "checkpoints" / "4" / "data" / "process_2.json").exists()
+        owned.append(sorted(map(int, state["stream_states"])))
+    assert owned == [[0], [], [1], []], owned
     resumed = [re.findall(r"data train: resumed at global batch (\d+) \((.*?)\)", log) for log in sum(all_logs[1:], [])]
-    assert resumed == [[("2", "streams 0-1 of 4, rows [0, 4) of 8")], [("2", "streams 2-3 of 4, rows [4, 8) of 8")],
-                       *[[("4", f"stream {i} of 4, rows [{2 * i}, {2 * i + 2}) of 8")] for i in range(4)]], resumed
+    assert resumed == [*[[("2", f"stream {i // 2} of 2, rows [{2 * i}, {2 * i + 2}) of 8")] for i in range(4)],
+                       *[[("4", f"stream {i} of 2, rows [{4 * i}, {4 * i + 4}) of 8")] for i in range(2)]], resumed
