@@ -149,9 +149,10 @@ def test_a_state_saved_before_streams_continues_as_its_one_stream(cfg):
 def test_auto_keeps_the_checkpoint_stream_count():
     from ml_collections import ConfigDict
 
-    c = ConfigDict({"data": {"streams": 0}})
+    c = ConfigDict({"data": {"streams": 0}, "batch_size": 8})
     assert streams.resolve(c, None, 4)[0] == 4  # fresh: one per row group
     assert streams.resolve(c, {"data": {"streams": 4}}, 2)[0] == 4  # resumed on 2 hosts: keeps 4
     assert streams.resolve(c, {"data": {}}, 2)[0] == 2  # a checkpoint from before streams
+    assert streams.resolve(c, {"data": {"streams": 3}}, 2)[0] == 2  # batch_size changed: set_state refuses
     c.data.streams = 8
     assert streams.resolve(c, {"data": {"streams": 4}}, 2) == (8, "data.streams")

@@ -109,8 +109,10 @@ def resolve(cfg, saved_cfg: dict | None, row_groups: int) -> tuple[int, str]:
     if value > 0:
         return value, "data.streams"
     saved = int(((saved_cfg or {}).get("data") or {}).get("streams") or 0)
-    if saved > 0:
+    if saved > 0 and int(cfg.batch_size) % saved == 0:
         return saved, "the checkpoint's data.streams (auto keeps it on resume)"
+    if saved > 0:  # batch_size changed: the saved position cannot continue (set_state says so on every host)
+        return row_groups, f"auto: the checkpoint's {saved} streams do not divide batch_size={cfg.batch_size}"
     return row_groups, "auto: one per row group of this layout"
 
 
