@@ -99,6 +99,6 @@ def test_checkpoint_on_2_hosts_resumes_on_4_and_back_with_the_uninterrupted_loss
         assert all(s is not None for s in state["stream_states"].values())  # resumed through snapshots
         owned.append(sorted(map(int, state["stream_states"])))
     assert owned == [[0], [], [1], []], owned
-    resumed = [re.findall(r"data train: resumed at global batch (\d+) \((.*?)\)", log) for log in sum(all_logs[1:], [])]
+    resumed = [re.findall(r"data train: resumed at global batch (\d+) \((.+)\)$", log, re.M) for log in sum(all_logs[1:], [])]
     assert resumed == [*[[("2", f"stream {i // 2} of 2, rows [{2 * i}, {2 * i + 2}) of 8")] for i in range(4)],
                        *[[("4", f"stream {i} of 2, rows [{4 * i}, {4 * i + 4}) of 8")] for i in range(2)]], resumed
