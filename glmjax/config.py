@@ -103,6 +103,10 @@ def mesh_config() -> ml_collections.ConfigDict:
     m.data = -1  # -1 = all devices not used by the other axes
     m.fsdp = 1
     m.tensor = 1
+    # multi-slice: how many slices (data-centre network) the data / fsdp axes span; their product must
+    # equal the slice count of the devices; data and fsdp above stay the whole axis sizes
+    m.dcn_data = 1
+    m.dcn_fsdp = 1
     return m
 
 
@@ -224,6 +228,11 @@ def resolve_mesh_shape(cfg, num_devices: int) -> tuple[int, int, int]:
     """(data, fsdp, tensor) with a -1 entry filled so that the product is ``num_devices``."""
     names = ("data", "fsdp", "tensor")
     sizes = [int(cfg.mesh[n]) for n in names]
+    for n in ("dcn_data", "dcn_fsdp"):
+        value = cfg.mesh.get(n, 1)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"mesh.{n}={value!r} must be a positive integer: the number of slices the "
+                              f"{n[4:]} axis spans (1 = one slice)")
     for n, s in zip(names, sizes):
         if s == 0 or s < -1:
             raise ConfigError(f"mesh.{n}={s} is not a valid mesh size: use a positive integer, "
@@ -315,6 +324,12 @@ def validate(cfg, num_devices: int | None = None) -> None:
     _require(on_reshard in ("error", "restart"),
              f"data.on_reshard={on_reshard!r} is not 'error' or 'restart': it says what a resume does when "
              f"the saved data position does not fit the new host / mesh layout; use one of those two")
+    streams = cfg.data.get("streams", 0)
+    _require(isinstance(streams, int) and not isinstance(streams, bool) and streams >= 0
+             and (streams == 0 or cfg.batch_size % streams == 0),
+             f"data.streams={streams!r} must be 0 (auto) or a positive divisor of batch_size={cfg.batch_size}: "
+             f"the global batch is made of that many equal streams; e.g. --config.data.streams=0, or a "
+             f"multiple of the largest host count the job may run on that divides batch_size")
     if num_devices is None:
         return
     data, fsdp, tensor = resolve_mesh_shape(cfg, num_devices)

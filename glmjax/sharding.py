@@ -52,10 +52,83 @@ def make_mesh(cfg, devices=None) -> Mesh:
     ``ConfigError`` naming shapes that can -- never a silent fallback to row-major order. CPU devices
     (tests, fake devices) have no topology: they are taken process by process, in id order, so each
     host's devices are adjacent along the mesh (the one documented fallback).
+
+    Multi-slice (devices with several ``slice_index`` values): ``mesh.dcn_data`` x ``mesh.dcn_fsdp``
+    must equal the slice count; the data and fsdp axes then span that many slices over the data-centre
+    network and the rest of each axis stays inside a slice (``create_hybrid_device_mesh``: per-slice
+    ICI shape ``(data/dcn_data, fsdp/dcn_fsdp, tensor)`` x DCN shape ``(dcn_data, dcn_fsdp, 1)``).
     """
     devices = jax.devices() if devices is None else list(devices)
     shape = resolve_mesh_shape(cfg, len(devices))
-    return Mesh(device_grid(shape, devices), MESH_AXES)
+    dcn = dcn_shape(cfg, shape, devices)
+    grid = device_grid(shape, devices) if dcn == (1, 1, 1) else hybrid_grid(shape, dcn, devices)
+    return Mesh(grid, MESH_AXES)
+
+
+def _slices(devices) -> dict:
+    """slice_index -> its devices (devices without one, e.g. CPU, are one slice)."""
+    out: dict = {}
+    for d in devices:
+        out.setdefault(getattr(d, "slice_index", 0) or 0, []).append(d)
+    return out
+
+
+def dcn_shape(cfg, shape, devices) -> tuple[int, int, int]:
+    """``(dcn_data, dcn_fsdp, 1)`` checked against the devices' slices and the mesh shape (ConfigError with a fix)."""
+    from glmjax.config import ConfigError
+
+    dd, df = int(cfg.mesh.get("dcn_data", 1)), int(cfg.mesh.get("dcn_fsdp", 1))
+    slices = _slices(devices)
+    n = len(slices)
+    data, fsdp, _ = shape
+    if dd * df != n:
+        if n == 1:
+            raise ConfigError(f"mesh.dcn_data={dd} x mesh.dcn_fsdp={df} = {dd * df} slices, but these {len(devices)} "
+                              f"devices are one slice: the dcn axes split the mesh between slices joined by the "
+                              f"data-centre network. Fix: --config.mesh.dcn_data=1 --config.mesh.dcn_fsdp=1")
+        data_fix = data if data % n == 0 else n
+        raise ConfigError(f"these {len(devices)} devices are {n} slices (device.slice_index) but mesh.dcn_data={dd} x "
+                          f"mesh.dcn_fsdp={df} = {dd * df}: the slices must tile the mesh's data/fsdp axes. Fix: e.g. "
+                          f"--config.mesh.dcn_data={n} --config.mesh.dcn_fsdp=1 --config.mesh.data={data_fix} (data "
+                          f"parallelism across slices; mesh.data a multiple of {n})")
+    sizes = {len(v) for v in slices.values()}
+    if len(sizes) > 1:
+        raise ConfigError(f"the {n} slices hold different numbers of devices ({sorted(sizes)}): a mesh needs equal "
+                          "slices. Fix: run on whole slices of one type")
+    for axis, size, k in (("data", data, dd), ("fsdp", fsdp, df)):
+        if size % k:
+            raise ConfigError(f"mesh.{axis}={size} must be a multiple of the {k} slices it spans "
+                              f"(mesh.dcn_{axis}={k}): each slice holds an equal part of the axis. Fix: "
+                              f"--config.mesh.{axis}={k * max(1, size // k)} (or a multiple), adjusting the other "
+                              f"axes so that the product stays {len(devices)}")
+    return dd, df, 1
+
+
+def hybrid_grid(shape, dcn, devices) -> np.ndarray:
+    """The devices as a ``shape`` array: per-slice ICI mesh ``shape / dcn`` x DCN mesh ``dcn`` (see make_mesh)."""
+    from jax.experimental import mesh_utils
+
+    from glmjax.config import ConfigError
+
+    ici = tuple(int(s) // int(d) for s, d in zip(shape, dcn))
+    try:
+        return mesh_utils.create_hybrid_device_mesh(ici, dcn, devices=devices)
+    except (ValueError, NotImplementedError, AssertionError) as e:
+        err = e
+    try:
+        grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices=devices, allow_split_physical_axes=True)
+    except (ValueError, NotImplementedError, AssertionError):
+        per_slice = len(devices) // int(np.prod(dcn))
+        good = [c for c in _candidate_shapes(per_slice, ici)
+                if _topology_grid(c, _slices(devices)[min(_slices(devices))], log_split=False)[0] is not None][:3]
+        fixes = " or ".join(f"--config.mesh.data={d * dcn[0]} --config.mesh.fsdp={f * dcn[1]} --config.mesh.tensor={t}"
+                            for d, f, t in good)
+        raise ConfigError(
+            f"per-slice mesh (data, fsdp, tensor)={ici} (mesh {tuple(shape)} over dcn {tuple(dcn)}) cannot follow "
+            f"the physical topology of each slice's {per_slice} devices ({str(err).splitlines()[0][:200]}). Fix: "
+            f"{'use a mesh that can, e.g. ' + fixes if fixes else 'run on whole slices'}") from None
+    log.info("per-slice mesh %s splits a physical axis of the slice topology (%s)", ici, str(err).splitlines()[0])
+    return grid
 
 
 def device_grid(shape, devices) -> np.ndarray:

@@ -291,7 +291,7 @@ def test_data_state_of_a_missing_host_is_none(tmp_path, caplog):
     ckpt.close()
     data = tmp_path / "checkpoints" / "2" / "data"
     (data / "process_0.json").rename(data / "process_1.json")
-    with caplog.at_level(logging.WARNING, logger="glmjax.checkpoint"):
+    with caplog.at_level(logging.INFO, logger="glmjax.checkpoint"):  # a normal resize: an info line
         _, data_state, step = Checkpointer(str(tmp_path), toy_cfg(every=2)).restore(abstract_state(mesh))
     assert step == 2 and data_state is None
     assert "host count changed" in caplog.text

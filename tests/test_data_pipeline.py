@@ -78,9 +78,9 @@ def test_restored_iterator_continues_exactly(corpus, snapshot_every):
     state = json.loads(json.dumps(first.get_state()))  # must survive JSON
     first.close()
     if snapshot_every:
-        assert state["snapshot"]["batches"] == 3
+        assert state["stream_states"]["1"]["batches"] == 3
     else:
-        assert state["snapshot"] is None
+        assert state["stream_states"] == {"1": None}
     resumed = make_pipeline(cfg, "train", process_index=1, process_count=2)
     resumed.set_state(state)
     rest = _take(resumed, 5)
@@ -94,9 +94,10 @@ def test_restored_iterator_continues_exactly(corpus, snapshot_every):
 def test_set_state_refuses_a_different_stream(corpus):
     cfg = _cfg(corpus)
     pipe = make_pipeline(cfg, "train", process_index=0, process_count=2)
+    next(pipe)  # a position at batch 0 fits any stream count: nothing was consumed
     state = pipe.get_state()
-    state["process_count"] = 4
-    with pytest.raises(ValueError, match="process_count"):
+    state["streams"] = 4
+    with pytest.raises(ValueError, match="streams=4 but this run has 2"):
         pipe.set_state(state)
     pipe.close()
 
@@ -295,7 +296,7 @@ def test_a_fresh_process_restores_the_state_exactly(corpus, tmp_path):
     pipe = make_pipeline(cfg, "train", process_index=1, process_count=2)
     _take(pipe, 5)
     state = pipe.get_state()
-    assert state["snapshot"]["batches"] == 4
+    assert state["stream_states"]["1"]["batches"] == 4
     (tmp_path / "state.json").write_text(json.dumps(state))
     h = hashlib.sha1()
     for b in _take(pipe, 3):
@@ -325,8 +326,8 @@ def test_a_snapshot_that_does_not_fit_falls_back_to_recomputing(corpus, caplog):
     state = pipe.get_state()
     pipe.close()
     state["batches"] = 3
-    state["snapshot"]["iterator"]["files"] = {"iterator.index": "eJwDAAAAAAE="}  # a broken checkpoint
-    state["snapshot"]["batches"] = 2
+    state["stream_states"]["0"]["iterator"]["files"] = {"iterator.index": "eJwDAAAAAAE="}  # a broken checkpoint
+    state["stream_states"]["0"]["batches"] = 2
     resumed = make_pipeline(cfg, "train", process_index=0, process_count=1)
     with caplog.at_level("WARNING"):
         resumed.set_state(state)

@@ -49,7 +49,7 @@ peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: kB
 state = pipe.get_state()
 pipe.close()
 print(json.dumps({"growth": peak - rss0, "filled": float((batch["segment_ids"] > 0).mean()),
-                  "state_bytes": len(json.dumps(state)), "snapshot": state["snapshot"] is not None}))
+                  "state_bytes": len(json.dumps(state)), "snapshot": state["stream_states"]["0"] is not None}))
 """
 
 

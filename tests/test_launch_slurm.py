@@ -178,7 +178,7 @@ def test_sbatch_script_trains_on_two_processes_is_preempted_requeued_and_resumes
     assert sorted(got) == list(range(1, STEPS + 1))
     for step in got:
         assert abs(got[step] - want[step]) <= 1e-4 * abs(want[step]), (step, got[step], want[step])
-    for i in range(2):  # each host saved its own shard's position
+    for i in range(2):  # each host saved the position of its own data stream (one stream per host)
         state = json.loads((workdir / "checkpoints" / str(STEPS) / "data" / f"process_{i}.json").read_text())
-        assert (state["process_index"], state["process_count"], state["batches"]) == (i, 2, STEPS)
+        assert (state["streams"], list(state["stream_states"]), state["batches"]) == (2, [str(i)], STEPS)
     assert (logs / "scontrol").read_text().split() == ["requeue", str(job_id)]  # not requeued again

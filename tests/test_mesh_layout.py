@@ -84,3 +84,51 @@ def test_batch_not_divisible_by_data_parallel_size_fails_before_compile(tmp_path
                                           r"mesh.data\*mesh.fsdp=8 .*multiple of 8"):
         loop.train(cfg, str(tmp_path / "run"))
     assert not (tmp_path / "run").exists()
+
+
+def two_slices(x, y, z):
+    """Two x*y*z slices joined by the data-centre network (slice_index 0 and 1), 4 chips per host."""
+    one = fake_slice(x, y, z)
+    n = len(one)
+    return one + [dataclasses.replace(d, id=n + d.id, process_index=n // 4 + d.process_index, slice_index=1)
+                  for d in one]
+
+
+def test_multislice_mesh_spans_slices_along_the_dcn_axes_only():
+    devs = two_slices(2, 2, 2)  # 16 chips
+    cfg = load_config(TINY, ["--config.mesh.data=2", "--config.mesh.fsdp=4", "--config.mesh.tensor=2",
+                             "--config.mesh.dcn_data=2"])
+    grid = make_mesh(cfg, devs).devices
+    want = mesh_utils.create_hybrid_device_mesh((1, 4, 2), (2, 1, 1), devices=devs)
+    np.testing.assert_array_equal(ids(grid), ids(want))
+    for i in range(2):  # data index i = slice i: fsdp and tensor groups never cross the data-centre network
+        assert {d.slice_index for d in grid[i].ravel()} == {i}
+    cfg = load_config(TINY, ["--config.mesh.data=1", "--config.mesh.fsdp=8", "--config.mesh.tensor=2",
+                             "--config.mesh.dcn_fsdp=2"])
+    grid = make_mesh(cfg, devs).devices
+    assert [{d.slice_index for d in grid[0, f].ravel()} for f in range(8)] == [{0}] * 4 + [{1}] * 4
+    # inside a slice the layout follows the torus, as for one slice
+    np.testing.assert_array_equal(ids(grid[0, :4]), ids(mesh_utils.create_device_mesh((1, 4, 2), devs[:8])[0]))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ([], r"these 16 devices are 2 slices \(device.slice_index\) but mesh.dcn_data=1 x mesh.dcn_fsdp=1 = 1.*"
+         r"Fix: e.g. --config.mesh.dcn_data=2 --config.mesh.dcn_fsdp=1 --config.mesh.data=2"),
+    (["--config.mesh.dcn_data=4"], r"are 2 slices .* = 4"),
+    (["--config.mesh.data=1", "--config.mesh.fsdp=8", "--config.mesh.dcn_data=2"],
+     r"mesh.data=1 must be a multiple of the 2 slices it spans \(mesh.dcn_data=2\).*--config.mesh.data=2"),
+    (["--config.mesh.dcn_data=0"], r"mesh.dcn_data=0 must be a positive integer"),
+])
+def test_multislice_mesh_errors_name_a_mesh_that_works(overrides, message):
+    cfg = load_config(TINY, ["--config.mesh.data=2", "--config.mesh.fsdp=4", "--config.mesh.tensor=2", *overrides])
+    with pytest.raises(ConfigError, match=message):
+        make_mesh(cfg, two_slices(2, 2, 2))
+
+
+def test_dcn_axes_on_one_slice_are_an_error():
+    cfg = load_config(TINY, ["--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2",
+                             "--config.mesh.dcn_data=2"])
+    with pytest.raises(ConfigError, match=r"= 2 slices, but these 8 devices are one slice.*dcn_data=1"):
+        make_mesh(cfg, fake_slice(2, 2, 2))
+    with pytest.raises(ConfigError, match="are one slice"):
+        make_mesh(cfg)  # the CPU devices of this process: no slice_index

@@ -18,9 +18,9 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
 from glmjax.aot.topology import Topology, abstract_devices
-from glmjax.config import ConfigError, resolve_mesh_shape, validate
+from glmjax.config import validate
 from glmjax.scaling.flops import flops_per_token
-from glmjax.sharding import MESH_AXES, batch_sharding, make_mesh
+from glmjax.sharding import batch_sharding, make_mesh
 
 COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
 _DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "bf16": 2, "f16": 2, "s16": 2,
@@ -60,22 +60,14 @@ def collectives_of(hlo_text: str) -> dict:
 
 
 def mesh_for(cfg, topo: Topology, devices) -> Mesh:
-    """The run's (data, fsdp, tensor) mesh on the slice; across slices the data axis spans the
-    data-centre network (``create_hybrid_device_mesh``), everything else stays inside a slice."""
+    """The run's (data, fsdp, tensor) mesh on the slice(s), built by ``make_mesh`` (the training path).
+    Multi-slice with ``mesh.dcn_data`` = ``mesh.dcn_fsdp`` = 1 (unset): the data axis spans the
+    slices (``dcn_data`` = the slice count), everything else stays inside a slice."""
     validate(cfg, topo.chips)
-    shape = resolve_mesh_shape(cfg, topo.chips)
-    if topo.num_slices == 1:
-        return make_mesh(cfg, devices)
-    if shape[0] % topo.num_slices:
-        raise ConfigError(f"mesh.data={shape[0]} is not a multiple of the {topo.num_slices} slices of "
-                          f"{topo}: across slices only data parallelism runs (over the data-centre "
-                          f"network); set --config.mesh.data={topo.num_slices} (or a multiple) and "
-                          f"--config.mesh.fsdp=-1")
-    from jax.experimental import mesh_utils
-
-    ici = (shape[0] // topo.num_slices, shape[1], shape[2])
-    grid = mesh_utils.create_hybrid_device_mesh(ici, (topo.num_slices, 1, 1), devices)
-    return Mesh(grid, MESH_AXES)
+    if topo.num_slices > 1 and int(cfg.mesh.get("dcn_data", 1)) * int(cfg.mesh.get("dcn_fsdp", 1)) == 1:
+        cfg = cfg.copy_and_resolve_references()
+        cfg.mesh.dcn_data = topo.num_slices
+    return make_mesh(cfg, devices)
 
 
 def abstract_batch(cfg, mesh: Mesh) -> dict:

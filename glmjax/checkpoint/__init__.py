@@ -3,17 +3,18 @@
 Layout (one orbax ``CheckpointManager`` step directory per saved step)::
 
     WORKDIR/checkpoints/<step>/state/                    train state (StandardSave: tensorstore, OCDBT)
-    WORKDIR/checkpoints/<step>/data/process_<i>.json     data-iterator state of host i (one file per host)
+    WORKDIR/checkpoints/<step>/data/process_<i>.json     data position saved by host i (one file per host)
     WORKDIR/checkpoints/<step>/config/config.json        the full run config
     WORKDIR/checkpoints/<step>/metrics/metrics           {"eval_loss": ...} (ranks the "best" checkpoint)
     WORKDIR/checkpoint_fingerprints/<step>.json          a fingerprint per state leaf (see integrity.py)
 
-Why the data item is one file per host: every host feeds only its own shard of the data, so each has its
-own iterator position. orbax's ``JsonCheckpointHandler`` writes on the primary host only, unless its
-``primary_host`` is ``None``; the ``data`` item gets a handler with ``primary_host=None`` and a file name
-carrying ``jax.process_index()``, so every host writes (and on restore reads) its own file inside the same
-step directory. No collective is needed, and the step is still committed once, by the primary host,
-after all hosts have finished writing.
+Why the data item is one file per host: every host runs the data streams of its own rows and saves the
+snapshots of the streams it owns (see ``glmjax/data/streams.py``). orbax's ``JsonCheckpointHandler``
+writes on the primary host only, unless its ``primary_host`` is ``None``; the ``data`` item gets a
+handler with ``primary_host=None`` and a file name carrying ``jax.process_index()``, so every host
+writes its own file inside the same step directory. No collective is needed, and the step is still
+committed once, by the primary host, after all hosts have finished writing. On resume a host reads
+its own file and, when the host count changed, the others it needs (``saved_data_states``).
 
 Atomicity: orbax writes a step into ``<step>.orbax-checkpoint-tmp-*`` and renames it once every item is
 written (on GCS it writes a commit marker instead). A crash mid-save leaves only a tmp directory, which is

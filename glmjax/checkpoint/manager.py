@@ -177,22 +177,23 @@ class Checkpointer:
             saved = list((step_dir / "data").glob("process_*.json")) if (step_dir / "data").exists() else []
             if not saved:
                 raise FileNotFoundError(f"item 'data' is missing ({step_dir / 'data'})")
-            log.warning("checkpoint step %d has data-iterator state for %d host(s) but none for host %d "
-                        "(the host count changed); the input pipeline decides on every host together "
-                        "(data.on_reshard)", step, len(saved), jax.process_index())
+            log.info("checkpoint step %d has data-iterator state for %d host(s), none for host %d (the host "
+                     "count changed): the input pipeline reads its streams' positions from the other files",
+                     step, len(saved), jax.process_index())
         args = {"state": ocp.args.StandardRestore(abstract_state)}
         if has_data:
             args["data"] = ocp.args.JsonRestore()
         restored = self._mngr.restore(step, args=ocp.args.Composite(**args))
         return restored["state"], (restored["data"] if has_data else None)
 
-    def saved_data_states(self, step: int):
-        """Every host's saved data-iterator state of ``step``, read lazily one file at a time in process
-        order (a host whose own state does not fit after a host-count change looks for its row group)."""
+    def saved_data_states(self, step: int) -> list:
+        """Every host's saved data-iterator state of ``step``, as zero-argument callables in process
+        order, each reading one file when called (a host whose streams were saved by other hosts, after
+        a host-count change, reads only the files it needs)."""
         data_dir = self.directory / str(step) / "data"
         files = list(data_dir.glob("process_*.json")) if data_dir.exists() else []
-        for path in sorted(files, key=lambda p: int(p.stem.rpartition("_")[2] or 0)):
-            yield json.loads(path.read_text())
+        files.sort(key=lambda p: int(p.stem.rpartition("_")[2] or 0))
+        return [lambda path=path: json.loads(path.read_text()) for path in files]
 
     def _check_step(self, step: int, state) -> None:
         self._fingerprints.check(step, state)

@@ -16,6 +16,9 @@ def data_config() -> ml_collections.ConfigDict:
     c.shuffle_buffer = 1024  # examples (chunks) shuffled together after the objective, train split only
     c.prefetch = 8  # batches the prefetch thread keeps ready (2 left the tiny step waiting 0.8% of the time)
     c.snapshot_every = 100  # batches between tf.data iterator snapshots (resume recomputes < this many); 0 = none
+    # streams the global batch is made of (stream v always gives the same rows, from its own shard):
+    # 0 = auto: one per row group (host) of a fresh run's layout, then the checkpoint's on every resume
+    c.streams = 0
     c.on_reshard = "error"  # resumed with another host/mesh layout: "error" | "restart" (data starts over)
     c.pack = True  # pack several examples per row (False: one example per row, padded)
     return c

@@ -15,9 +15,10 @@ A *source spec* is a short string naming where the text comes from:
   ``text``); lines are assigned to a split by a hash of (file name, line number);
 * ``tfds:NAME[@FIELD]`` — a TensorFlow Datasets dataset (``name/config:version``), when installed.
 
-Files are the unit of host sharding: process ``i`` of ``n`` reads files ``i, i+n, ...`` of its split,
-so hosts read disjoint data that together covers the split. A split with fewer files than processes
-is sharded by document instead (every host reads every file and keeps documents ``i, i+n, ...``). Bytes that are not valid UTF-8 become
+Files are the unit of sharding: data stream ``i`` of ``n`` (``streams.py``) reads files ``i, i+n, ...``
+of its split, so streams read disjoint data that together covers the split. A split with fewer files
+than streams is sharded by document instead (every stream reads every file and keeps documents
+``i, i+n, ...``). Bytes that are not valid UTF-8 become
 U+FFFD; empty files are skipped (and counted in a log line).
 """
 from __future__ import annotations
@@ -251,7 +252,7 @@ def iter_texts(spec: SourceSpec, split: str, validation_fraction: float = 0.05) 
 
 
 def shard_files(files: Sequence[str], index: int, count: int) -> list[str]:
-    """Files read by process ``index`` of ``count``: disjoint, together all of them (needs count <= files)."""
+    """Files read by stream ``index`` of ``count``: disjoint, together all of them (needs count <= files)."""
     if count > len(files):
-        raise ValueError(f"{len(files)} file(s) cannot be split between {count} processes by file")
+        raise ValueError(f"{len(files)} file(s) cannot be split between {count} streams by file")
     return list(files[index::count])

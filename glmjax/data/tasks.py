@@ -61,8 +61,8 @@ class FileSource(seqio.DataSource):
         if shard_info is not None and not by_document:
             files = sources.shard_files(files, shard_info.index, shard_info.num_shards)
         elif by_document:
-            log.warning("%s %s: %d file(s) for %d processes: sharding by document (every host reads every "
-                        "file)", self.spec.key, split, len(files), shard_info.num_shards)
+            log.warning("%s %s: %d file(s) for %d data streams: sharding by document (every stream reads "
+                        "every file)", self.spec.key, split, len(files), shard_info.num_shards)
         ds = tf.data.Dataset.from_tensor_slices(tf.constant(files))
         if shuffle:  # a new (deterministic, seeded) file order every epoch
             ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)

@@ -281,8 +281,8 @@ def write_config_file(cfg, workdir: str) -> str:
 
 def fresh_data_state(cfg) -> dict:
     """The data-iterator state of a pipeline that has produced nothing yet (resume = start the data)."""
-    from glmjax.data.pipeline import _STATE_VERSION
+    from glmjax.data.streams import STATE_VERSION
 
-    return dict(version=_STATE_VERSION, split="train", batches=0, seed=int(cfg.seed), process_index=0,
-                process_count=1, task=str(cfg.data.task), batch_size=int(cfg.batch_size), seq_len=int(cfg.seq_len),
-                snapshot=None)
+    return dict(version=STATE_VERSION, split="train", batches=0, seed=int(cfg.seed), task=str(cfg.data.task),
+                batch_size=int(cfg.batch_size), seq_len=int(cfg.seq_len), streams=int(cfg.data.get("streams", 0)),
+                stream_states={})

@@ -10,6 +10,7 @@ step ``s`` is the training loss of the batch of update ``s``; ``eval_loss`` at `
 """
 from __future__ import annotations
 
+import copy
 import inspect
 import logging
 import os
@@ -34,6 +35,21 @@ def _default_pipelines(cfg):
     from glmjax.data.pipeline import make_pipeline, to_global
 
     return make_pipeline(cfg, "train"), (lambda: make_pipeline(cfg, "validation")), to_global
+
+
+def _with_streams(cfg, workdir, sharding):
+    """A copy of ``cfg`` with ``data.streams`` resolved (auto -> the checkpoint's, or one per row group),
+    so the checkpoints of this run record it and a resume on any host count keeps the same streams."""
+    from glmjax.checkpoint import saved_config
+    from glmjax.data import streams
+    from glmjax.data.global_batch import row_group
+
+    count, why = streams.resolve(cfg, saved_config(workdir) if workdir else None,
+                                 row_group(sharding, int(cfg.batch_size))[1])
+    log.info("data: %d stream(s) of %d rows (%s)", count, cfg.batch_size // count, why)
+    cfg = copy.deepcopy(cfg)
+    cfg.data.streams = count
+    return cfg
 
 
 class Evaluator:
@@ -89,6 +105,7 @@ def train(cfg, workdir: str, *, restart: bool = True, pipelines=None) -> dict:
     if restart:
         check_compatible(workdir, cfg)  # a different model on this workdir fails now, not after data set-up
     mesh = make_mesh(cfg)
+    cfg = _with_streams(cfg, workdir if restart else None, batch_sharding(mesh))
     spec = model_spec(cfg, mesh)
     fpt = flops_per_token(cfg.model, cfg.seq_len)
     log.info("model: %.2fM parameters (%.2fM non-embedding); mesh %s", fpt.params / 1e6,
@@ -118,6 +135,8 @@ def train(cfg, workdir: str, *, restart: bool = True, pipelines=None) -> dict:
                 train_iter.set_state(data_state, others=ckpt.saved_data_states(restored_step))
             else:
                 train_iter.set_state(data_state)
+    if hasattr(train_iter, "start"):
+        train_iter.start()  # produce the first batches while the step compiles (a no-op after set_state)
     start = int(jax.device_get(state.step))
     if start >= cfg.steps:
         if hasattr(train_iter, "close"):
