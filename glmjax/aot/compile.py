@@ -18,7 +18,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
 from glmjax.aot.topology import Topology, abstract_devices
-from glmjax.config import ConfigError, resolve_mesh_shape, validate
+from glmjax.config import ConfigError, resolve_mesh_axes, validate
 from glmjax.scaling.flops import flops_per_token
 from glmjax.sharding import MESH_AXES, batch_sharding, make_mesh
 
@@ -63,7 +63,7 @@ def mesh_for(cfg, topo: Topology, devices) -> Mesh:
     """The run's (data, fsdp, tensor) mesh on the slice; across slices the data axis spans the
     data-centre network (``create_hybrid_device_mesh``), everything else stays inside a slice."""
     validate(cfg, topo.chips)
-    shape = resolve_mesh_shape(cfg, topo.chips)
+    shape = resolve_mesh_axes(cfg, topo.chips)  # (data, fsdp, expert, tensor)
     if topo.num_slices == 1:
         return make_mesh(cfg, devices)
     if shape[0] % topo.num_slices:
@@ -73,9 +73,9 @@ def mesh_for(cfg, topo: Topology, devices) -> Mesh:
                           f"--config.mesh.fsdp=-1")
     from jax.experimental import mesh_utils
 
-    ici = (shape[0] // topo.num_slices, shape[1], shape[2])
+    ici = (shape[0] // topo.num_slices, shape[1] * shape[2], shape[3])  # expert carved out of fsdp, as make_mesh
     grid = mesh_utils.create_hybrid_device_mesh(ici, (topo.num_slices, 1, 1), devices)
-    return Mesh(grid, MESH_AXES)
+    return Mesh(grid.reshape(shape), MESH_AXES)
 
 
 def abstract_batch(cfg, mesh: Mesh) -> dict:
