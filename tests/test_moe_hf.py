@@ -4,6 +4,8 @@ glmjax MoE model exported to it reloads in transformers with the same logits.
 3 layers (first dense), 8 experts, top 2, 1 shared, 2 groups (top 1 group), qk-norm, qkv bias, partial
 half-split rotary, random non-zero correction bias (so the choice differs from the top scores).
 float32 on both sides; rtol = atol = 1e-4 on logits of magnitude ~1-10."""
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -41,7 +43,9 @@ def tiny_hf(seed=0):
     return model
 
 
-def glmjax_cfg(hf_config, scan=True):
+def glmjax_cfg(hf_config, scan=True, rope_style="half"):
+    """The glmjax model config of an HF config; ``rope_style=interleaved`` computes the same model through
+    the rotary column permutation of the mapping."""
     c = base_config()
     for k, v in model_overrides_from_hf(hf_config.to_dict()).items():
         node = c.model
@@ -50,6 +54,7 @@ def glmjax_cfg(hf_config, scan=True):
             node = node[part]
         node[leaf] = v
     apply_override(c, f"model.scan_layers={str(scan).lower()}")
+    apply_override(c, f"model.rope_style={rope_style}")
     validate(c)
     return c.model
 
@@ -68,10 +73,11 @@ def glmjax_logits(mcfg, params, feats):
     return np.asarray(nnx.jit(lambda m, f: m(f))(model, inputs))
 
 
-@pytest.mark.parametrize("scan", [True, False], ids=["scanned", "unscanned"])
-def test_imported_hf_glm4_moe_gives_the_same_logits(scan):
+@pytest.mark.parametrize("scan, rope_style", [(True, "half"), (False, "interleaved")],
+                         ids=["scanned-half", "unscanned-interleaved"])
+def test_imported_hf_glm4_moe_gives_the_same_logits(scan, rope_style):
     hf = tiny_hf()
-    mcfg = glmjax_cfg(hf.config, scan)
+    mcfg = glmjax_cfg(hf.config, scan, rope_style)
     sd = {k: v.numpy() for k, v in hf.state_dict().items()}
     params = from_hf_moe_state_dict(sd, mcfg)
     rng = np.random.default_rng(3)
@@ -82,22 +88,81 @@ def test_imported_hf_glm4_moe_gives_the_same_logits(scan):
     np.testing.assert_allclose(ours, theirs, rtol=TOL, atol=TOL)
 
 
-def test_exported_glmjax_moe_reloads_in_transformers_with_the_same_logits():
-    mcfg = glmjax_cfg(tiny_hf().config)
+def test_exported_glmjax_moe_reloads_in_transformers_with_the_same_logits(tmp_path):
+    from safetensors.numpy import save_file
+
+    mcfg = glmjax_cfg(tiny_hf().config, rope_style="interleaved")
     rng = np.random.default_rng(5)
     model = GLM(mcfg, nnx.Rngs(1))
     params = jax.tree_util.tree_map_with_path(
         lambda path, x: (1.0 + 0.3 * rng.standard_normal(x.shape) if "norm" in jax.tree_util.keystr(path)
                          else 0.15 * rng.standard_normal(x.shape)).astype(np.float32),
         pure_dict(nnx.state(model, nnx.Param)))
-    sd = to_hf_moe_state_dict(params, mcfg)
-    hf = Glm4MoeForCausalLM(Glm4MoeConfig(**hf_moe_config(mcfg))).float().eval()
-    missing, unexpected = hf.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()}, strict=False)
-    assert not unexpected and not missing, (missing, unexpected)
+    sd = to_hf_moe_state_dict(params, mcfg)  # the file layout: one tensor per expert matrix
+    Glm4MoeConfig(**hf_moe_config(mcfg)).save_pretrained(str(tmp_path))
+    save_file(sd, str(tmp_path / "model.safetensors"))
+    hf = Glm4MoeForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32).eval()
     feats = causal_features(rng, 2, 32, mcfg.vocab_size)
     np.testing.assert_allclose(glmjax_logits(mcfg, params, feats), hf_logits(hf, feats["tokens"]),
                                rtol=TOL, atol=TOL)
-    # and back: HF -> glmjax is the inverse map
+    # and back from the loaded module's (fused, in-memory) state dict: HF -> glmjax is the inverse map
     back = from_hf_moe_state_dict({k: v.numpy() for k, v in hf.state_dict().items()}, mcfg)
     for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(params)):
         np.testing.assert_array_equal(a, b)
+
+
+def write_tokenizer(directory, vocab: int) -> None:
+    """A word-level Hugging Face tokenizer of ``vocab`` ids (the export copies the run's tokenizer)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tk = Tokenizer(models.WordLevel({f"w{i}": i for i in range(vocab)}, unk_token="w0"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tk.save(str(directory / "tokenizer.json"))
+
+
+def test_import_and_export_tools_round_trip_glm4_moe_and_decode_with_the_cache(tmp_path):
+    """tools/import_hf.py turns a Glm4MoeForCausalLM directory into a workdir with the same logits; the
+    KV-cache decode path (glmjax.inference) generates what transformers generates greedily; tools/export_hf.py
+    writes it back as Glm4MoeForCausalLM with bitwise the same tensors."""
+    import importlib.util
+    from pathlib import Path
+
+    from safetensors.numpy import load_file
+    from transformers import AutoModelForCausalLM
+
+    from glmjax.inference import generate_ids, load, logits
+
+    def tool(name):
+        path = Path(__file__).resolve().parents[1] / "tools" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod.main
+
+    hf = tiny_hf(1)
+    hf_dir, wd, out = tmp_path / "hf", tmp_path / "wd", tmp_path / "out"
+    hf.save_pretrained(str(hf_dir))
+    write_tokenizer(hf_dir, hf.config.vocab_size)
+    assert tool("import_hf")(["--model", str(hf_dir), "--workdir", str(wd), "--config.batch_size=8",
+                              "--config.seq_len=32", "--log_level=ERROR"]) == 0
+    model, cfg = load(str(wd))
+    assert cfg.model.moe.num_experts == 8 and cfg.model.moe.first_dense_layers == 1 and cfg.model.qk_norm
+    tokens = np.random.default_rng(4).integers(1, hf.config.vocab_size, (2, 12))
+    np.testing.assert_allclose(logits(model, tokens), hf_logits(hf, tokens), rtol=TOL, atol=TOL)
+    ours = generate_ids(model, tokens.tolist(), max_new_tokens=6)
+    with torch.no_grad():
+        theirs = hf.generate(torch.from_numpy(tokens).long(), max_new_tokens=6, do_sample=False,
+                             min_new_tokens=6, pad_token_id=0)[:, tokens.shape[1]:].numpy()
+    np.testing.assert_array_equal(np.asarray(ours), theirs)
+
+    assert tool("export_hf")(["--workdir", str(wd), "--out", str(out), "--log_level=ERROR"]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "glm4_moe" and config["architectures"] == ["Glm4MoeForCausalLM"]
+    back = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    assert type(back).__name__ == "Glm4MoeForCausalLM"
+    exported = {k: v for f in sorted(out.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+    original = {k: v for f in sorted(hf_dir.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+    assert set(exported) == set(original)
+    for k, v in original.items():
+        np.testing.assert_array_equal(exported[k], v, err_msg=k)
+    np.testing.assert_array_equal(hf_logits(back, tokens), hf_logits(hf, tokens))

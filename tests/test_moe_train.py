@@ -36,43 +36,86 @@ def to_global(batch, sharding):
     return {k: one(v) for k, v in batch.items()}
 
 
-def run(cfg, devices, steps, seed=0, skew=None):
+def run(cfg, devices, steps, seed=0, on_step=None):
+    """``steps`` train steps on random batches; ``on_step(step, state, batches)`` after each (may save)."""
     validate(cfg, len(devices))
     mesh = make_mesh(cfg, devices)
     spec = model_spec(cfg, mesh)
     state = init_state(cfg, spec)
-    if skew is not None:  # start from a router that sends every token to the same few experts
-        bias = state.params["moe_layers"]["mlp"]["router"]["bias"]
-        params = jax.tree.map(lambda x: x, state.params)
-        params["moe_layers"]["mlp"]["router"]["bias"] = jax.device_put(bias + skew, bias.sharding)
-        state = state.replace(params=params)
-    step_fn = make_train_step(cfg, spec, mesh)
-    sh = batch_sharding(mesh)
-    batches = Batches(cfg, seed)
+    step_fn, sh = make_train_step(cfg, spec, mesh), batch_sharding(mesh)
+    return train_from(state, step_fn, sh, Batches(cfg, seed), steps, on_step), spec, (step_fn, sh)
+
+
+def train_from(state, step_fn, sh, batches, steps, on_step=None):
     history = []
     for _ in range(steps):
         state, m = step_fn(state, to_global(next(batches), sh))
         history.append({**{k: float(v) for k, v in jax.device_get(m).items()}, "bias": bias_of(state)})
-    return history, state
+        if on_step is not None:
+            on_step(len(history), state, batches)
+    return history
+
+
+# Adam's eps: with eps -> 0 an element whose gradient is at float32 noise level (|g| ~ 1e-6 max|g|, where
+# the layouts' summation orders differ in sign) still moves by +-lr, so the layouts' parameters differ by
+# ~lr after one step; a near-tie in some token's top-k then flips (measured with eps=1e-8: equal to 2e-5
+# for 6 steps, then one token changes expert, the load and the correction bias differ and the losses
+# drift to 1.3e-4). With eps=1e-4 the update is Lipschitz in the gradient, |d update| <= lr |d g| / eps,
+# so parameter differences stay ~lr * 1e-2 * (float32 noise) and no top-k decision is near enough to flip.
+PARALLEL = ("--config.optimizer.eps=1e-4",)
+GRAD_RTOL = 1e-5  # of each leaf's max |g|: float32 sums over B*T*D = 16384 terms reassociated across
+# devices, error ~ sqrt(16384) * 2^-24 = 8e-6 relative (measured <= 2e-6)
+
+
+def grads_at_start(cfg, devices):
+    """(loss sum, grads, routing stats) of the first batch at the initial parameters on ``devices``."""
+    from glmjax.sharding import activation_mesh
+    from glmjax.train import moe_step
+
+    mesh = make_mesh(cfg, devices)
+    spec = model_spec(cfg, mesh)
+    state = init_state(cfg, spec)
+
+    def f(params, batch):
+        with activation_mesh(mesh):
+            s, _, g, stats = moe_step.accumulated_grads(params, batch, spec.graphdef, mesh, 1, 0.0)
+        return s, g, stats
+
+    batch = to_global(next(Batches(cfg, 0)), batch_sharding(mesh))
+    return jax.device_get(jax.jit(f)(state.params, batch))
 
 
 @pytest.fixture(scope="module")
 def one_device():
-    return run(tiny_moe("--config.mesh.data=1"), jax.devices()[:1], 10)
+    cfg = tiny_moe("--config.mesh.data=1", *PARALLEL)
+    return run(cfg, jax.devices()[:1], 10)[0], grads_at_start(cfg, jax.devices()[:1])
 
 
 @pytest.mark.parametrize("layout", [dict(expert=4, data=2), dict(expert=2, fsdp=2, tensor=2)],
                          ids=["e4d2", "e2f2t2"])
 def test_expert_parallel_training_equals_one_device(one_device, layout):
-    ref, ref_state = one_device
-    overrides = [f"--config.mesh.{k}={v}" for k, v in {"data": 1, **layout}.items()]
-    hist, state = run(tiny_moe(*overrides), jax.devices()[:8], 10)
-    losses, ref_losses = np.array([h["loss"] for h in hist]), np.array([h["loss"] for h in ref])
-    np.testing.assert_allclose(losses, ref_losses, rtol=1e-4)
-    np.testing.assert_allclose([h["moe_imbalance"] for h in hist], [h["moe_imbalance"] for h in ref], rtol=1e-4)
-    bias, ref_bias = bias_of(state), bias_of(ref_state)
-    assert np.abs(ref_bias).max() > 0  # the bias moved
-    np.testing.assert_allclose(bias, ref_bias, atol=1e-6)
+    """8 fake devices == 1 device: the same routing at every step (bitwise bias and imbalance), the first
+    step's gradients within float32 summation error, the losses of 10 steps within rtol 1e-4."""
+    ref, (ref_s, ref_g, ref_stats) = one_device
+    cfg = tiny_moe(*[f"--config.mesh.{k}={v}" for k, v in {"data": 1, **layout}.items()], *PARALLEL)
+    s, g, stats = grads_at_start(cfg, jax.devices()[:8])
+    np.testing.assert_array_equal(stats["load"], ref_stats["load"])  # identical routing decisions
+    valid = int((next(Batches(cfg, 0))["segment_ids"] != 0).sum())  # every real token makes k assignments
+    np.testing.assert_array_equal(np.asarray(ref_stats["load"]).sum(-1), cfg.model.moe.experts_per_token * valid)
+    np.testing.assert_allclose(s, ref_s, rtol=GRAD_RTOL)
+    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(g)[0], jax.tree.leaves(ref_g)):
+        scale = float(np.abs(b).max())
+        if scale == 0.0:  # the router correction bias: no gradient on any layout
+            assert float(np.abs(a).max()) == 0.0, jax.tree_util.keystr(path)
+            continue
+        np.testing.assert_allclose(a, b, rtol=0, atol=GRAD_RTOL * scale, err_msg=jax.tree_util.keystr(path))
+
+    hist = run(cfg, jax.devices()[:8], 10)[0]
+    for step, (h, r) in enumerate(zip(hist, ref)):  # routing: same loads -> bitwise the same bias updates
+        np.testing.assert_array_equal(h["bias"], r["bias"], err_msg=f"step {step}")
+        assert h["moe_imbalance"] == r["moe_imbalance"], step
+    assert np.abs(ref[-1]["bias"]).max() > 0  # the bias moved
+    np.testing.assert_allclose([h["loss"] for h in hist], [r["loss"] for r in ref], rtol=1e-4)
 
 
 class Batches:
@@ -95,7 +138,8 @@ class Batches:
 
 def test_aux_loss_enters_the_gradient_only_when_weighted(one_device):
     base = one_device[0]
-    aux, _ = run(tiny_moe("--config.mesh.data=1", "--config.model.moe.aux_loss_weight=0.1"), jax.devices()[:1], 3)
+    aux = run(tiny_moe("--config.mesh.data=1", "--config.model.moe.aux_loss_weight=0.1", *PARALLEL),
+                 jax.devices()[:1], 1)[0]
     assert base[0]["loss"] == aux[0]["loss"]  # the same model before the first update: the logged loss is CE
     assert base[0]["grad_norm"] != aux[0]["grad_norm"]
     assert base[0]["moe_aux_loss"] == pytest.approx(aux[0]["moe_aux_loss"], rel=1e-6)
@@ -115,3 +159,43 @@ def test_preset_parameter_counts_match_the_published(path, total, active):
     fpt = flops_per_token(m, 4096)
     assert fpt.active_non_embedding_params == active_params(m) < fpt.non_embedding_params / 5
     assert fpt.six_n == 6 * active_params(m)
+
+
+BALANCE = ("--config.mesh.data=1", "--config.model.num_layers=2", "--config.seq_len=32", "--config.optimizer.lr=1e-3")
+
+
+def test_bias_updates_balance_the_experts_and_the_bias_resumes_exactly_from_a_checkpoint(tmp_path):
+    """200 steps of the tiny MoE (1 dense + 1 MoE layer, 8 experts, top 2 of 1 of 2 groups) on random
+    batches: without bias updates the router collapses (every token to the same 2 experts: imbalance 4,
+    the maximum for top-2 within one group of 4); with ``bias_update_rate=1e-2`` it stays balanced. The
+    run is checkpointed at step 100 and resumed: the restored bias and the next 20 steps are bitwise the
+    uninterrupted run's."""
+    from glmjax.checkpoint import Checkpointer
+
+    off = run(tiny_moe(*BALANCE, "--config.model.moe.bias_update_rate=0"), jax.devices()[:1], 200)[0]
+    cfg = tiny_moe(*BALANCE, "--config.model.moe.bias_update_rate=1e-2", "--config.checkpoint.async_save=false")
+    ckpt = Checkpointer(str(tmp_path), cfg)
+
+    def save_at_100(step, state, batches):
+        if step == 100:
+            ckpt.save(step, state, batches.get_state(), force=True)
+
+    on, spec, (step_fn, sh) = run(cfg, jax.devices()[:1], 200, on_step=save_at_100)
+    imb_off, imb_on = (np.array([h["moe_imbalance"] for h in hist]) for hist in (off, on))
+    late_off, late_on = imb_off[-50:].mean(), imb_on[-50:].mean()
+    print(f"imbalance (max load / mean load), first 10 steps / last 50: no bias updates "
+          f"{imb_off[:10].mean():.2f} / {late_off:.2f}, bias updates {imb_on[:10].mean():.2f} / {late_on:.2f}")
+    assert np.all(off[-1]["bias"] == 0) and np.abs(on[-1]["bias"]).max() > 0.1
+    assert late_off > 3.5  # collapsed (4 = every token on the same 2 experts)
+    assert late_on < 2.5 and late_on < 0.65 * late_off
+
+    restored, data_state, step = ckpt.restore(spec.abstract_state)
+    ckpt.close()
+    assert step == 100
+    np.testing.assert_array_equal(bias_of(restored), on[99]["bias"])
+    batches = Batches(cfg)
+    batches.set_state(data_state)
+    resumed = train_from(restored, step_fn, sh, batches, 20)
+    for h, r in zip(resumed, on[100:120]):
+        np.testing.assert_array_equal(h["bias"], r["bias"])
+        assert h["loss"] == r["loss"] and h["moe_imbalance"] == r["moe_imbalance"]
