@@ -148,8 +148,10 @@ def test_aux_loss_enters_the_gradient_only_when_weighted(one_device):
     _, (ref_s, ref_g, ref_stats), params, (cfg, spec, mesh, sh) = one_device
     state = setup(cfg, jax.devices()[:1], params)[1]
     s, g, stats = first_grads(cfg, spec, state, mesh, sh, aux_loss_weight=0.1)
-    assert s == ref_s  # the same model: the reported loss is the cross-entropy only
-    np.testing.assert_array_equal(stats["aux_loss"], ref_stats["aux_loss"])
+    # the same model: the reported loss is the cross-entropy only (with the balance loss it would be ~3%
+    # larger: 0.1 * ~1 per target token); float32 tolerance, the two steps compile separately
+    np.testing.assert_allclose(s, ref_s, rtol=1e-6)
+    np.testing.assert_allclose(stats["aux_loss"], ref_stats["aux_loss"], rtol=1e-6)
     assert np.all((0.5 < stats["aux_loss"]) & (stats["aux_loss"] < 4.0))  # sum_i f_i P_i is ~1 when balanced
     gate, ref_gate = (x["moe_layers"]["mlp"]["router"]["gate"] for x in (g, ref_g))
     assert np.abs(gate - ref_gate).max() > 1e-3 * np.abs(ref_gate).max()  # the router feels the balance loss

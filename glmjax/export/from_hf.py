@@ -71,7 +71,13 @@ def _glm_model_config(config: dict) -> dict:
 
 
 def _glmjax_model_config(config: dict) -> dict:
-    return dict(config["glmjax_model"])
+    """The exported ``model`` config; nested sections (``moe``) as dotted keys."""
+    def flat(tree, prefix=""):
+        out = {}
+        for k, v in tree.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+    return flat(dict(config["glmjax_model"]))
 
 
 def _glm_params(get, m) -> dict:

@@ -247,6 +247,8 @@ def _write_tokenizer(src: str, out_dir: str) -> dict:
 def _write_configs(reader, fmt: str, dtype: str, special: dict, out_dir: str) -> None:
     from transformers import GenerationConfig
 
+    from glmjax.checkpoint import config_to_dict
+
     m = reader.cfg.model
     eos, pad = special.get("eos"), special.get("pad")
     if fmt == "hf":
@@ -264,7 +266,7 @@ def _write_configs(reader, fmt: str, dtype: str, special: dict, out_dir: str) ->
         config = {"model_type": "glmjax", "architectures": ["GlmjaxForCausalLM"],
                   "auto_map": {"AutoConfig": "modeling_glmjax.GlmjaxConfig",
                                "AutoModelForCausalLM": "modeling_glmjax.GlmjaxForCausalLM"},
-                  "glmjax_model": dict(m), "special_ids": special, "vocab_size": int(m.vocab_size),
+                  "glmjax_model": config_to_dict(m), "special_ids": special, "vocab_size": int(m.vocab_size),
                   "hidden_size": int(m.hidden_size), "num_hidden_layers": int(m.num_layers),
                   "num_attention_heads": int(m.num_heads), "tie_word_embeddings": bool(m.tie_embeddings),
                   "eos_token_id": eos, "pad_token_id": pad, "dtype": dtype}
@@ -273,8 +275,6 @@ def _write_configs(reader, fmt: str, dtype: str, special: dict, out_dir: str) ->
     GenerationConfig(eos_token_id=eos, pad_token_id=pad, do_sample=False).save_pretrained(out_dir)
     with open(os.path.join(out_dir, "README.md"), "w") as f:
         f.write(_model_card(reader, fmt, dtype))
-    from glmjax.checkpoint import config_to_dict
-
     with open(os.path.join(out_dir, "glmjax_config.json"), "w") as f:
         json.dump(config_to_dict(reader.cfg), f, indent=2)
 
