@@ -18,6 +18,7 @@ import os
 import ml_collections
 
 from glmjax.data.defaults import data_config, objective_config
+from glmjax.moe_config import mesh_expert, moe_config, validate_moe
 
 NORMS = ("deepnorm", "rmsnorm_pre")
 MLPS = ("geglu", "swiglu", "gelu")
@@ -78,6 +79,8 @@ def model_config() -> ml_collections.ConfigDict:
     # MLP matrices, v and the attention output, gain 1 on q and k (embeddings and head: N(0, init_std))
     m.init = "normal"
     m.loss_chunk = 0  # > 0: cross-entropy over this many positions at a time (no [B, T, vocab] logits)
+    m.qk_norm = False  # RMSNorm on q and k per head, before rotary (GLM-4.5: use_qk_norm)
+    m.moe = moe_config()  # Mixture of Experts (glmjax/moe_config.py); num_experts=0: dense
     return m
 
 
@@ -107,6 +110,7 @@ def mesh_config() -> ml_collections.ConfigDict:
     # equal the slice count of the devices; data and fsdp above stay the whole axis sizes
     m.dcn_data = 1
     m.dcn_fsdp = 1
+    m.expert = 1  # expert parallelism (MoE): experts split over this axis, tokens move by all-to-all
     return m
 
 
@@ -225,7 +229,8 @@ def _coerce(key: str, raw: str, old):
 
 
 def resolve_mesh_shape(cfg, num_devices: int) -> tuple[int, int, int]:
-    """(data, fsdp, tensor) with a -1 entry filled so that the product is ``num_devices``."""
+    """(data, fsdp, tensor) with a -1 entry filled so that ``data*fsdp*expert*tensor`` is ``num_devices``
+    (``mesh.expert``, default 1, is the MoE expert axis: :func:`resolve_mesh_axes` gives all four)."""
     names = ("data", "fsdp", "tensor")
     sizes = [int(cfg.mesh[n]) for n in names]
     for n in ("dcn_data", "dcn_fsdp"):
@@ -233,6 +238,7 @@ def resolve_mesh_shape(cfg, num_devices: int) -> tuple[int, int, int]:
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ConfigError(f"mesh.{n}={value!r} must be a positive integer: the number of slices the "
                               f"{n[4:]} axis spans (1 = one slice)")
+    expert = mesh_expert(cfg)
     for n, s in zip(names, sizes):
         if s == 0 or s < -1:
             raise ConfigError(f"mesh.{n}={s} is not a valid mesh size: use a positive integer, "
@@ -240,18 +246,30 @@ def resolve_mesh_shape(cfg, num_devices: int) -> tuple[int, int, int]:
     if sizes.count(-1) > 1:
         raise ConfigError(f"mesh has more than one -1 ({dict(zip(names, sizes))}): only one axis can take "
                           f"'all remaining devices'; give the others explicit sizes")
-    known = math.prod(s for s in sizes if s != -1)
+    known = math.prod(s for s in sizes if s != -1) * expert
     if -1 in sizes:
         if num_devices % known:
-            raise ConfigError(f"mesh {dict(zip(names, sizes))} cannot fill {num_devices} devices: the fixed "
-                              f"axes multiply to {known}, which does not divide {num_devices}; choose sizes "
-                              f"whose product divides the device count")
+            raise ConfigError(f"mesh {dict(zip(names, sizes))}{_expert_note(expert)} cannot fill {num_devices} "
+                              f"devices: the fixed axes multiply to {known}, which does not divide {num_devices}; "
+                              f"choose sizes whose product divides the device count")
         sizes[sizes.index(-1)] = num_devices // known
-    if math.prod(sizes) != num_devices:
-        raise ConfigError(f"mesh data*fsdp*tensor = {'*'.join(map(str, sizes))} = {math.prod(sizes)} but there "
+    if math.prod(sizes) * expert != num_devices:
+        axes, shown = ("data*fsdp*tensor", sizes) if expert == 1 else (
+            "data*fsdp*expert*tensor", [sizes[0], sizes[1], expert, sizes[2]])
+        raise ConfigError(f"mesh {axes} = {'*'.join(map(str, shown))} = {math.prod(shown)} but there "
                           f"are {num_devices} devices: the mesh must use every device exactly once; set one "
                           f"axis to -1 or make the product {num_devices}")
     return tuple(sizes)
+
+
+def resolve_mesh_axes(cfg, num_devices: int) -> tuple[int, int, int, int]:
+    """(data, fsdp, expert, tensor): the sizes of the four mesh axes (``glmjax.sharding.MESH_AXES``)."""
+    data, fsdp, tensor = resolve_mesh_shape(cfg, num_devices)
+    return data, fsdp, mesh_expert(cfg), tensor
+
+
+def _expert_note(expert: int) -> str:
+    return f" with mesh.expert={expert}" if expert > 1 else ""
 
 
 def _require(ok: bool, message: str) -> None:
@@ -330,16 +348,19 @@ def validate(cfg, num_devices: int | None = None) -> None:
              f"data.streams={streams!r} must be 0 (auto) or a positive divisor of batch_size={cfg.batch_size}: "
              f"the global batch is made of that many equal streams; e.g. --config.data.streams=0, or a "
              f"multiple of the largest host count the job may run on that divides batch_size")
+    validate_moe(cfg)
     if num_devices is None:
         return
-    data, fsdp, tensor = resolve_mesh_shape(cfg, num_devices)
+    data, fsdp, expert, tensor = resolve_mesh_axes(cfg, num_devices)
+    validate_moe(cfg, expert)
     _require(m.num_heads % tensor == 0,
              f"model.num_heads={m.num_heads} is not divisible by mesh.tensor={tensor}: tensor parallelism "
              f"splits whole heads; use a mesh.tensor that divides {m.num_heads}")
-    dp = data * fsdp
+    dp = data * fsdp * expert  # the expert axis splits the batch too, outside the experts
     per_step = dp * o.grad_accum_steps
     _require(cfg.batch_size % per_step == 0,
-             f"batch_size={cfg.batch_size} is not divisible by data-parallel size mesh.data*mesh.fsdp={dp}"
+             f"batch_size={cfg.batch_size} is not divisible by data-parallel size "
+             f"mesh.data*mesh.fsdp{'*mesh.expert' if expert > 1 else ''}={dp}"
              f"{' * optimizer.grad_accum_steps=' + str(o.grad_accum_steps) if o.grad_accum_steps > 1 else ''}"
              f" = {per_step}: every device needs the same number of sequences; use a batch_size that is a "
              f"multiple of {per_step}")

@@ -16,13 +16,13 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from glmjax.config import resolve_mesh_shape
+from glmjax.config import resolve_mesh_axes
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "expert", "tensor")  # expert: MoE expert parallelism (mesh.expert, default 1)
 
 # logical axis name -> mesh axes (None = replicated)
 RULES: dict[str, tuple[str, ...] | str | None] = {
-    "batch": ("data", "fsdp"),
+    "batch": ("data", "fsdp", "expert"),  # expert (size 1 unless MoE expert parallelism) splits the batch too
     "length": None,
     # the residual stream between blocks along length, with model.sequence_parallel: XLA all-gathers it
     # before attention / MLP and reduce-scatters after, so tensor parallelism shrinks activations too
@@ -37,6 +37,8 @@ RULES: dict[str, tuple[str, ...] | str | None] = {
     "vocab": "tensor",
     "layers": None,
     "norm": None,
+    "experts": "expert",  # MoE: routed expert weights [experts, ...]
+    "expert_mlp": "tensor",
 }
 
 _ACTIVATION_MESH: list[Mesh] = []
@@ -44,7 +46,7 @@ log = logging.getLogger(__name__)
 
 
 def make_mesh(cfg, devices=None) -> Mesh:
-    """The ``(data, fsdp, tensor)`` mesh of the config over ``devices`` (default: all devices).
+    """The ``(data, fsdp, expert, tensor)`` mesh of the config over ``devices`` (default: all devices).
 
     TPU (and GPU) devices are laid out by ``mesh_utils.create_device_mesh``, so that each mesh axis
     follows the physical torus; if the shape only fits by splitting a physical axis, that is done and
@@ -57,12 +59,17 @@ def make_mesh(cfg, devices=None) -> Mesh:
     must equal the slice count; the data and fsdp axes then span that many slices over the data-centre
     network and the rest of each axis stays inside a slice (``create_hybrid_device_mesh``: per-slice
     ICI shape ``(data/dcn_data, fsdp/dcn_fsdp, tensor)`` x DCN shape ``(dcn_data, dcn_fsdp, 1)``).
+
+    The expert axis (MoE, ``mesh.expert``) is carved out of the fsdp group of the topology-following
+    ``(data, fsdp * expert, tensor)`` grid, expert innermost, so expert devices are neighbours (inside a
+    slice); with ``mesh.expert=1`` the grid is exactly the three-axis one.
     """
     devices = jax.devices() if devices is None else list(devices)
-    shape = resolve_mesh_shape(cfg, len(devices))
-    dcn = dcn_shape(cfg, shape, devices)
+    data, fsdp, expert, tensor = resolve_mesh_axes(cfg, len(devices))
+    dcn = dcn_shape(cfg, (data, fsdp, tensor), devices)
+    shape = (data, fsdp * expert, tensor)
     grid = device_grid(shape, devices) if dcn == (1, 1, 1) else hybrid_grid(shape, dcn, devices)
-    return Mesh(grid, MESH_AXES)
+    return Mesh(grid.reshape(data, fsdp, expert, tensor), MESH_AXES)
 
 
 def _slices(devices) -> dict:
@@ -234,4 +241,10 @@ def residual_axes(cfg_model) -> tuple[str, str, str]:
 
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
     """Sharding of input features ``[batch, length, ...]``."""
-    return NamedSharding(mesh, P(("data", "fsdp"), *([None] * (ndim - 1))))
+    return NamedSharding(mesh, P(batch_axes(mesh), *([None] * (ndim - 1))))
+
+
+def batch_axes(mesh: Mesh) -> tuple[str, ...]:
+    """The mesh axes that split the batch: data and fsdp, and expert when it has more than one device
+    (so a dense run's batch sharding is exactly the three-axis one)."""
+    return ("data", "fsdp") + (("expert",) if mesh.shape.get("expert", 1) > 1 else ())

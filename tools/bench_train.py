@@ -100,7 +100,16 @@ def causal_batch(rng, batch: int, length: int, vocab: int) -> dict:
             "bidirectional": zeros.copy()}
 
 
+def hf_name(m) -> str:
+    """The transformers class timed for model config ``m``."""
+    from glmjax.moe_config import moe_layer_count
+
+    return "Glm4MoeForCausalLM" if moe_layer_count(m) else "GlmForCausalLM"
+
+
 def architecture_note(m) -> str:
+    if hf_name(m) == "Glm4MoeForCausalLM":
+        return "same architecture (GLM-4.5 MoE: Glm4MoeForCausalLM, sigmoid router, routed + shared experts)"
     if m.norm == "rmsnorm_pre" and m.mlp == "swiglu" and not m.rope_2d:
         return "same architecture (GLM-4 style: RMSNorm pre-norm, SwiGLU, 1D partial rotary)"
     return (f"same sizes, architecture differs only in norm placement/activation/rotary: glmjax "
@@ -173,16 +182,20 @@ def torch_runner(cfg, threads: int, attn: str):
     import numpy as np
     import torch
     import torch.nn.functional as F
-    from transformers import GlmConfig, GlmForCausalLM
+    from transformers import GlmConfig, GlmForCausalLM, Glm4MoeConfig, Glm4MoeForCausalLM
 
     from glmjax.export.hf_mapping import hf_config
+    from glmjax.export.hf_moe_mapping import hf_moe_config
 
     torch.set_num_threads(threads)
     torch.manual_seed(cfg.seed)
     m, o = cfg.model, cfg.optimizer
-    hf_cfg = GlmConfig(**hf_config(m, max_position_embeddings=max(cfg.seq_len, 128)))
+    moe = hf_name(m) == "Glm4MoeForCausalLM"  # a GLM-4.5-style MoE config: transformers' glm4_moe
+    config_cls, model_cls, kwargs = ((Glm4MoeConfig, Glm4MoeForCausalLM, hf_moe_config) if moe
+                                     else (GlmConfig, GlmForCausalLM, hf_config))
+    hf_cfg = config_cls(**kwargs(m, max_position_embeddings=max(cfg.seq_len, 128)))
     hf_cfg._attn_implementation = attn
-    model = GlmForCausalLM(hf_cfg).float().train()
+    model = model_cls(hf_cfg).float().train()
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay},
@@ -311,7 +324,8 @@ def measure(cfg, args, config_path: str) -> dict:
     }
     if tt is not None:
         result["torch"] = {**tt.summary(tokens, flops_step, peak * 1), **torch_info,
-                           "last_loss": losses.get("torch"), "architecture": architecture_note(m)}
+                           "last_loss": losses.get("torch"), "architecture": architecture_note(m),
+                           "hf_class": hf_name(m)}
         result["ratio_tokens_per_second"] = (result["glmjax"]["tokens_per_second"]
                                              / result["torch"]["tokens_per_second"])
         result["ratio_cpu_time_per_step"] = (result["torch"]["cpu_time_per_step_s"]
@@ -337,7 +351,8 @@ def print_table(r: dict) -> None:
     print("|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|")
     rows = [("glmjax (JAX/XLA)", r["glmjax"])]
     if "torch" in r:
-        rows.append((f"PyTorch HF GlmForCausalLM ({r['torch']['attn_implementation']})", r["torch"]))
+        rows.append((f"PyTorch HF {r['torch'].get('hf_class', 'GlmForCausalLM')} "
+                     f"({r['torch']['attn_implementation']})", r["torch"]))
     for name, x in rows:
         print(f"| {name:<34} | {x['first_call_s']:>12.2f} | {1e3 * x['step_time_s']:>16.2f} | "
               f"{1e3 * x['cpu_time_per_step_s']:>11.1f} | {x['tokens_per_second']:>10,.0f} | {x['mfu']:>6.1%} |")

@@ -70,6 +70,11 @@ def mesh_for(cfg, topo: Topology, devices) -> Mesh:
     return make_mesh(cfg, devices)
 
 
+def _mesh_dict(mesh: Mesh) -> dict:
+    """The mesh axes of the report; ``expert`` (MoE) only when it has more than one device."""
+    return {k: v for k, v in mesh.shape.items() if k != "expert" or v > 1}
+
+
 def abstract_batch(cfg, mesh: Mesh) -> dict:
     from glmjax.train.step import FEATURES
 
@@ -156,8 +161,9 @@ def compile_report(cfg, topo: Topology, *, eval_step: bool = True, devices=None)
     tokens = int(cfg.batch_size) * int(cfg.seq_len)
     report = {
         "topology": str(topo), "generation": topo.generation.name, "chips": topo.chips,
-        "num_slices": topo.num_slices, "mesh": dict(mesh.shape), "batch_size": int(cfg.batch_size),
-        "seq_len": int(cfg.seq_len), "per_chip_batch": int(cfg.batch_size) / (mesh.shape["data"] * mesh.shape["fsdp"]),
+        "num_slices": topo.num_slices, "mesh": _mesh_dict(mesh), "batch_size": int(cfg.batch_size),
+        "seq_len": int(cfg.seq_len), "per_chip_batch": int(cfg.batch_size) / (mesh.shape["data"] * mesh.shape["fsdp"]
+                                                                      * mesh.shape.get("expert", 1)),
         "fits": train.fits and (evals is None or evals.fits), "hbm_bytes": hbm,
         "per_chip_bytes": {"arguments": train.arguments, "temp": train.temp, "total": train.total,
                            "parameters": params, "optimizer_state": per_chip_bytes(spec.abstract_state.opt_state),

@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 
 from glmjax.aot.compile import compile_report
-from glmjax.config import ConfigError, apply_override, resolve_mesh_shape
+from glmjax.config import ConfigError, apply_override, resolve_mesh_axes, resolve_mesh_shape
 
 
 def _with(cfg, overrides: dict):
@@ -43,8 +43,8 @@ def candidates(cfg, chips: int, mode: str = "auto", start_batch: int | None = No
             knobs = {**knobs, "mesh.data": 1, "mesh.fsdp": -1}
             yield dict(knobs)
     c = _with(cfg, knobs)
-    data, fsdp, _ = resolve_mesh_shape(c, chips)
-    dp = data * fsdp * int(c.optimizer.grad_accum_steps)
+    data, fsdp, expert, _ = resolve_mesh_axes(c, chips)
+    dp = data * fsdp * expert * int(c.optimizer.grad_accum_steps)
     batch = int(c.batch_size) // 2
     if start_batch is not None:
         batch = min(batch, start_batch)
@@ -75,8 +75,9 @@ def suggest(cfg, topo, devices, *, mode: str = "auto", max_compiles: int = 6, pr
     tried = 0
     start = None
     if mode == "batch" and failed is not None:
-        data, fsdp, _ = resolve_mesh_shape(cfg, topo.chips)
-        start = predicted_batch(failed, topo.hbm_bytes, fill, data * fsdp * int(cfg.optimizer.grad_accum_steps))
+        data, fsdp, expert, _ = resolve_mesh_axes(cfg, topo.chips)
+        start = predicted_batch(failed, topo.hbm_bytes, fill,
+                                data * fsdp * expert * int(cfg.optimizer.grad_accum_steps))
     for overrides in candidates(cfg, topo.chips, mode, start):
         if tried >= max_compiles:
             break

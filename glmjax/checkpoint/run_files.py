@@ -68,8 +68,13 @@ def check_compatible(workdir, cfg, *, note: bool = True) -> None:
         return
     new = config_to_dict(cfg)
     diffs, allowed = [], []
+    from glmjax.config import base_config
+
+    defaults = _flatten(config_to_dict(base_config()))
     for section in MODEL_SECTIONS:
         a, b = _flatten(old.get(section, {}), section + "."), _flatten(new.get(section, {}), section + ".")
+        # a key newer than the checkpoint (e.g. model.moe.*) counts as its default there
+        a = {**{k: defaults[k] for k in b if k not in a and k in defaults}, **a}
         for key in sorted(set(a) | set(b)):
             if a.get(key, "<missing>") != b.get(key, "<missing>"):
                 line = f"{key}: checkpoint has {a.get(key, '<missing>')!r}, this run has {b.get(key, '<missing>')!r}"

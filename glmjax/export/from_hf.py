@@ -12,8 +12,9 @@ Library functions (the CLI ``tools/import_hf.py`` is a thin wrapper):
 - :func:`import_hf` writes a workdir: the run config (with ``data.tokenizer`` = the model's own
   tokenizer) and a step-0 checkpoint that ``python -m glmjax.train --workdir=DIR`` resumes from.
 
-A new source layout (``glm4_moe``) is one more ``LAYOUTS`` entry: a config function and a
-params function (and a getter in :func:`tensor_getter` when its weights are not safetensors).
+``glm4_moe`` (``Glm4MoeForCausalLM``: GLM-4.5, 4.5-Air, 4.6) is the MoE layout (``hf_moe_mapping.py``).
+A new source layout is one more ``LAYOUTS`` entry: a config function and a params function (and a
+getter in :func:`tensor_getter` when its weights are not safetensors).
 """
 from __future__ import annotations
 
@@ -39,7 +40,8 @@ def read_hf_config(hf_dir: str) -> tuple[str, dict]:
     kind = config.get("model_type")
     if kind not in LAYOUTS or kind in NEEDS_CONFIG:
         raise ImportError_(f"--model={hf_dir} is a {kind!r} model ({config.get('architectures')}); glmjax imports "
-                           f"model_type glm (GlmForCausalLM, e.g. GLM-4-9B), glmjax (a glmjax remote-code export) "
+                           f"model_type glm (GlmForCausalLM, e.g. GLM-4-9B), glm4_moe (Glm4MoeForCausalLM, GLM-4.5), "
+                           f"glmjax (a glmjax remote-code export) "
                            f"and chatglm (ChatGLM-6B, ChatGLM2/3-6B), and GLM-130B checkpoints (--layout=glm130b); known "
                            f"layouts: {', '.join(sorted(LAYOUTS))}")
     return kind, config
@@ -69,7 +71,13 @@ def _glm_model_config(config: dict) -> dict:
 
 
 def _glmjax_model_config(config: dict) -> dict:
-    return dict(config["glmjax_model"])
+    """The exported ``model`` config; nested sections (``moe``) as dotted keys."""
+    def flat(tree, prefix=""):
+        out = {}
+        for k, v in tree.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+    return flat(dict(config["glmjax_model"]))
 
 
 def _glm_params(get, m) -> dict:
@@ -125,6 +133,10 @@ LAYOUTS = {"glm": (_glm_model_config, _glm_params), "glmjax": (_glmjax_model_con
 from glmjax.export import chatglm2 as _chatglm2  # noqa: E402  (ChatGLM2/3-6B: model_type chatglm, v2 keys)
 
 LAYOUTS["chatglm2"] = (_chatglm2.chatglm2_model_config, _chatglm2.chatglm2_params)
+
+from glmjax.export import hf_moe_mapping as _moe  # noqa: E402  (GLM-4.5 MoE: Glm4MoeForCausalLM)
+
+LAYOUTS["glm4_moe"] = (_moe.glm4_moe_model_config, _moe.glm4_moe_params)
 NEEDS_CONFIG = ("glm130b",)  # layouts whose checkpoint has no config file: --config gives the shape
 
 
@@ -170,13 +182,18 @@ def params_from_hf(kind: str, get, model_cfg) -> dict:
 
     as_f32.names = getattr(get, "names", None)
     params = LAYOUTS[kind][1](as_f32, model_cfg)
-    if model_cfg.scan_layers:
-        layers = params["layers"]
-        import jax
+    for stack in ("layers", "moe_layers"):  # moe_layers: the MoE blocks of glm4_moe
+        if stack not in params:
+            continue
+        layers = params.pop(stack)
+        if not layers:  # model.moe.first_dense_layers=0: no dense stack
+            continue
+        if model_cfg.scan_layers:
+            import jax
 
-        params["layers"] = jax.tree.map(lambda *xs: np.stack(xs), *layers)
-    else:
-        params["layers"] = dict(enumerate(params["layers"]))
+            params[stack] = jax.tree.map(lambda *xs: np.stack(xs), *layers)
+        else:
+            params[stack] = dict(enumerate(layers))
     return params
 
 
@@ -201,6 +218,7 @@ def safetensors_getter(hf_dir: str):
         with safe_open(os.path.join(hf_dir, where[name]), framework="np") as h:
             x = h.get_tensor(name)
         return x.astype(np.float32) if x.dtype != np.float32 else x
+    get.names = set(where)
     return get
 
 
@@ -226,11 +244,20 @@ def import_hf(hf_dir: str, workdir: str, *, config_path: str | None = None, over
     if step_dirs(epath.Path(workdir) / CHECKPOINT_DIR):
         raise ImportError_(f"--workdir={workdir} already holds checkpoints: import into a new directory")
     cfg = load_config(config_path) if config_path else base_config()
-    for key, value in model_config_from_hf(kind, config).items():
-        if key in cfg.model:
-            cfg.model[key] = value
-        else:
+    try:
+        values = model_config_from_hf(kind, config)
+    except ValueError as e:
+        raise ImportError_(f"this {kind} model cannot be represented by glmjax: {e}") from None
+    for key, value in values.items():
+        *parents, leaf = key.split(".")  # dotted: a nested section (model.moe.*)
+        node = cfg.model
+        for part in parents:
+            node = node[part] if part in node else None
+            if node is None:
+                break
+        if node is None or leaf not in node:
             raise ImportError_(f"the source model needs model.{key}={value!r}, which this glmjax does not have")
+        node[leaf] = value
     tok = os.path.join(os.path.expanduser(hf_dir), "tokenizer.json")
     if os.path.isfile(tok):
         cfg.data.tokenizer = os.path.abspath(os.path.expanduser(hf_dir))

@@ -3,7 +3,9 @@
 ``export(workdir, out, step=None, fmt="auto", dtype="float32", max_shard_size="5GB")``:
 
 - ``hf``: GLM-4-style models (``rmsnorm_pre``, ``swiglu``, 1D rotary) as native ``GlmForCausalLM``
-  (``model_type: glm``), loaded by ``AutoModelForCausalLM.from_pretrained(OUT)`` without remote code.
+  (``model_type: glm``), loaded by ``AutoModelForCausalLM.from_pretrained(OUT)`` without remote code;
+  GLM-4.5-style MoE models (``model.moe.num_experts > 0``) as ``Glm4MoeForCausalLM`` (``glm4_moe``), their
+  only format (``hf_moe_mapping.py``).
 - ``remote``: any glmjax model, as :mod:`glmjax.export.modeling_glmjax` (copied into OUT, named by
   ``auto_map``; ``trust_remote_code=True``), glmjax parameter names and shapes, one tensor per layer.
 - ``glm130b`` / ``chatglm`` / ``chatglm2``: the released layouts (``glm_originals.py``, ``chatglm2.py``);
@@ -23,7 +25,8 @@ import os
 import shutil
 import time
 
-from glmjax.export import hf_mapping
+from glmjax.export import hf_mapping, hf_moe_mapping
+from glmjax.moe_config import moe_layer_count
 from glmjax.export.reader import CheckpointReader
 from glmjax.export.safetensors_stream import parse_size, write_shards
 
@@ -42,10 +45,10 @@ def layer_reader(reader: CheckpointReader):
     scanned = bool(reader.cfg.model.scan_layers)
 
     def read(path, layer):
-        if path[0] == "layers" and layer is not None:
+        if path[0] in ("layers", "moe_layers") and layer is not None:  # moe_layers: the MoE blocks
             if scanned:
                 return reader.read(path, index=layer)
-            return reader.read(("layers", str(layer), *path[1:]))
+            return reader.read((path[0], str(layer), *path[1:]))
         return reader.read(path)
     return read
 
@@ -85,8 +88,12 @@ def _tensor_major(name: str):
     parts = name.split(".")
     if "layers" in parts:
         k = parts.index("layers")
-        return (1, ".".join(parts[k + 2:]), int(parts[k + 1]))
-    return (0 if "embed" in name else 2, name, 0)
+        rest = parts[k + 2:]
+        if "experts" in rest and rest[rest.index("experts") + 1].isdigit():  # MoE: every expert of a layer
+            x = rest.index("experts") + 1  # in a row (they are slices of one stacked tensor)
+            return (1, ".".join(rest[:x] + rest[x + 1:]), int(parts[k + 1]), int(rest[x]))
+        return (1, ".".join(rest), int(parts[k + 1]), 0)
+    return (0 if "embed" in name else 2, name, 0, 0)
 
 
 def _order(name: str):
@@ -112,6 +119,16 @@ def _tokenizer_source(cfg, tokenizer: str | None) -> str:
 def resolve_format(model_cfg, fmt: str) -> str:
     if fmt not in FORMATS:
         raise ExportError(f"--format={fmt!r} is not one of {', '.join(FORMATS)}")
+    if moe_layer_count(model_cfg):  # GLM-4.5-style MoE: native Glm4MoeForCausalLM only
+        if fmt != "auto" and fmt != "hf":
+            raise ExportError(f"--format={fmt}: a Mixture-of-Experts model (model.moe.num_experts="
+                              f"{model_cfg.moe.num_experts}) exports only as Hugging Face Glm4MoeForCausalLM: "
+                              f"use --format=hf (or auto)")
+        try:
+            hf_moe_mapping.check_moe_exportable(model_cfg)
+        except ValueError as e:
+            raise ExportError(f"--format=hf: {e}") from None
+        return "hf"
     if fmt == "remote" or fmt in ORIGINAL_FORMATS:
         return fmt
     from glmjax.export.glm_originals import original_layout
@@ -166,7 +183,11 @@ def export(workdir: str, out: str, *, step: int | None = None, fmt: str = "auto"
                               + ": add the knob to glmjax/export/modeling_glmjax.py (KNOBS)")
     tok_src = _tokenizer_source(reader.cfg, tokenizer)
     read = layer_reader(reader)
-    tensors = hf_mapping.hf_tensors(m, read) if fmt == "hf" else remote_tensors(m, read)
+    if fmt == "hf":
+        moe = moe_layer_count(m) > 0
+        tensors = hf_moe_mapping.hf_moe_tensors(m, read) if moe else hf_mapping.hf_tensors(m, read)
+    else:
+        tensors = remote_tensors(m, read)
     tensors = sorted(tensors, key=lambda t: _tensor_major(t[0]))
     tmp = f"{out}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -226,15 +247,18 @@ def _write_tokenizer(src: str, out_dir: str) -> dict:
 def _write_configs(reader, fmt: str, dtype: str, special: dict, out_dir: str) -> None:
     from transformers import GenerationConfig
 
+    from glmjax.checkpoint import config_to_dict
+
     m = reader.cfg.model
     eos, pad = special.get("eos"), special.get("pad")
     if fmt == "hf":
-        from transformers import GlmConfig
+        from transformers import GlmConfig, Glm4MoeConfig
 
-        kwargs = hf_mapping.hf_config(m)
+        moe = moe_layer_count(m) > 0
+        kwargs = hf_moe_mapping.hf_moe_config(m) if moe else hf_mapping.hf_config(m)
         kwargs.update(eos_token_id=eos, pad_token_id=pad)
-        config = GlmConfig(**kwargs)
-        config.architectures = ["GlmForCausalLM"]
+        config = (Glm4MoeConfig if moe else GlmConfig)(**kwargs)
+        config.architectures = ["Glm4MoeForCausalLM" if moe else "GlmForCausalLM"]
         config.dtype = dtype
         config.save_pretrained(out_dir)
     else:
@@ -242,7 +266,7 @@ def _write_configs(reader, fmt: str, dtype: str, special: dict, out_dir: str) ->
         config = {"model_type": "glmjax", "architectures": ["GlmjaxForCausalLM"],
                   "auto_map": {"AutoConfig": "modeling_glmjax.GlmjaxConfig",
                                "AutoModelForCausalLM": "modeling_glmjax.GlmjaxForCausalLM"},
-                  "glmjax_model": dict(m), "special_ids": special, "vocab_size": int(m.vocab_size),
+                  "glmjax_model": config_to_dict(m), "special_ids": special, "vocab_size": int(m.vocab_size),
                   "hidden_size": int(m.hidden_size), "num_hidden_layers": int(m.num_layers),
                   "num_attention_heads": int(m.num_heads), "tie_word_embeddings": bool(m.tie_embeddings),
                   "eos_token_id": eos, "pad_token_id": pad, "dtype": dtype}
@@ -251,8 +275,6 @@ def _write_configs(reader, fmt: str, dtype: str, special: dict, out_dir: str) ->
     GenerationConfig(eos_token_id=eos, pad_token_id=pad, do_sample=False).save_pretrained(out_dir)
     with open(os.path.join(out_dir, "README.md"), "w") as f:
         f.write(_model_card(reader, fmt, dtype))
-    from glmjax.checkpoint import config_to_dict
-
     with open(os.path.join(out_dir, "glmjax_config.json"), "w") as f:
         json.dump(config_to_dict(reader.cfg), f, indent=2)
 

@@ -110,8 +110,8 @@ def tree_reader(params, model_cfg):
     """``read(path, layer)`` over a parameter pure dict (stacked or listed layers)."""
     def read(path, layer):
         node = params
-        if path[0] == "layers" and not model_cfg.scan_layers:
-            layers = node["layers"]
+        if path[0] in ("layers", "moe_layers") and not model_cfg.scan_layers:
+            layers = node[path[0]]
             node = layers[layer] if not isinstance(layers, dict) else {str(k): v for k, v in layers.items()}[str(layer)]
             path, layer = path[1:], None
         for key in path:

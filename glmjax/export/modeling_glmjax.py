@@ -29,7 +29,8 @@ from transformers.modeling_outputs import CausalLMOutput
 KNOBS = {"norm": ("deepnorm", "rmsnorm_pre"), "mlp": ("geglu", "swiglu", "gelu"), "rope_2d": (True, False),
          "qkv_bias": (True, False), "tie_embeddings": (True, False), "rope_style": ("interleaved", "half"),
          "gelu": ("erf", "tanh"), "glu_order": ("gate_first", "value_first"), "attn_out_bias": (True, False),
-         "mlp_bias": (True, False), "embedding_norm": (True, False), "final_norm": (True, False)}
+         "mlp_bias": (True, False), "embedding_norm": (True, False), "final_norm": (True, False),
+         "qk_norm": (False,)}
 SHAPES = ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "head_dim", "mlp_dim", "vocab_size",
           "norm_eps", "rope_theta", "partial_rotary_factor")
 IGNORED = ("attention_impl", "dtype", "param_dtype", "remat", "scan_layers", "embedding_grad_shrink", "init_std",
@@ -40,7 +41,10 @@ def unsupported_knobs(model: dict) -> list[str]:
     """The knobs of a glmjax ``model`` config this file cannot compute (empty: exportable)."""
     bad = []
     for key, value in model.items():
-        if key in KNOBS:
+        if key == "moe":  # Mixture of Experts: exported as Glm4MoeForCausalLM, never as remote code
+            if int(value.get("num_experts", 0)):
+                bad.append(f"model.moe.num_experts={value['num_experts']} (MoE exports as Glm4MoeForCausalLM)")
+        elif key in KNOBS:
             if value not in KNOBS[key]:
                 bad.append(f"model.{key}={value!r} (supported: {', '.join(map(repr, KNOBS[key]))})")
         elif key not in SHAPES and key not in IGNORED:

@@ -18,6 +18,7 @@ from flax import nnx
 
 from glmjax.model.glm import deepnorm_residual
 from glmjax.model.layers import dense
+from glmjax.moe_config import moe_layer_count
 
 
 def init_cache(model_cfg, batch: int, slots: int) -> dict:
@@ -58,13 +59,18 @@ def _block(block, x, pos, bpos, k_cache, v_cache, start, valid, prefix):
         a, k_cache, v_cache = _cached_attention(block.attn, x, pos, bpos, k_cache, v_cache, start, valid, prefix)
         dt = x.dtype
         x = block.attn_norm(deepnorm_residual(block.alpha, x, a)).astype(dt)
-        x = block.mlp_norm(deepnorm_residual(block.alpha, x, block.mlp(x))).astype(dt)
+        x = block.mlp_norm(deepnorm_residual(block.alpha, x, _mlp(block, x))).astype(dt)
     else:
         a, k_cache, v_cache = _cached_attention(block.attn, block.attn_norm(x), pos, bpos, k_cache, v_cache,
                                                 start, valid, prefix)
         x = x + a
-        x = x + block.mlp(block.mlp_norm(x))
+        x = x + _mlp(block, block.mlp_norm(x))
     return x, k_cache, v_cache
+
+
+def _mlp(block, x_BCD):
+    """The block's MLP; an MoE block (glmjax/model/moe.py) routes the chunk's tokens, its stats unused."""
+    return block.mlp(x_BCD, {})[0] if block.moe else block.mlp(x_BCD)
 
 
 def jitted_steps(model) -> tuple:
@@ -96,24 +102,37 @@ def forward_with_cache(module, cache, tokens_BC, pos_BC, bpos_BC, start_B, valid
     x = module.embed_normed(jnp.take(module.embed[...], tokens_BC, axis=0).astype(module.dtype))
     args = (pos_BC, bpos_BC)
     rest = (start_B, valid_BS, prefix_B)
+    n_dense = int(cfg.num_layers) - moe_layer_count(cfg)  # MoE: dense blocks first, then the MoE ones
+    ks, vs = [], []
+    for stack, lo, hi in ((module.layers, 0, n_dense), (getattr(module, "moe_layers", None), n_dense, None)):
+        if stack is None or lo == hi:
+            continue
+        x, k, v = _run_stack(cfg, stack, x, cache["k"][lo:hi], cache["v"][lo:hi], args, rest)
+        ks.append(k)
+        vs.append(v)
+    ks, vs = (ks[0], vs[0]) if len(ks) == 1 else (jnp.concatenate(ks), jnp.concatenate(vs))
+    x = jnp.take_along_axis(x, take_B[:, None, None], axis=1)  # [B, 1, D]: only the rows' last tokens
+    x = module.final_normed(x)
+    head = module.embed[...].T if cfg.tie_embeddings else module.lm_head[...]
+    logits = dense(x, head.astype(module.dtype))[:, 0].astype(jnp.float32)
+    return logits, {"k": ks, "v": vs}
+
+
+def _run_stack(cfg, layers, x, k_cache, v_cache, args, rest):
+    """One stack of blocks (scanned or listed) over its slice of the cache."""
     if cfg.scan_layers:
-        graphdef, state = nnx.split(module.layers)
+        graphdef, state = nnx.split(layers)
 
         def body(x, layer):
             st, kc, vc = layer
             x, kc, vc = _block(nnx.merge(graphdef, st), x, *args, kc, vc, *rest)
             return x, (kc, vc)
 
-        x, (ks, vs) = jax.lax.scan(body, x, (state, cache["k"], cache["v"]))
-    else:
-        ks, vs = [], []
-        for i, block in enumerate(module.layers):
-            x, kc, vc = _block(block, x, *args, cache["k"][i], cache["v"][i], *rest)
-            ks.append(kc)
-            vs.append(vc)
-        ks, vs = jnp.stack(ks), jnp.stack(vs)
-    x = jnp.take_along_axis(x, take_B[:, None, None], axis=1)  # [B, 1, D]: only the rows' last tokens
-    x = module.final_normed(x)
-    head = module.embed[...].T if cfg.tie_embeddings else module.lm_head[...]
-    logits = dense(x, head.astype(module.dtype))[:, 0].astype(jnp.float32)
-    return logits, {"k": ks, "v": vs}
+        x, (ks, vs) = jax.lax.scan(body, x, (state, k_cache, v_cache))
+        return x, ks, vs
+    ks, vs = [], []
+    for i, block in enumerate(layers):
+        x, kc, vc = _block(block, x, *args, k_cache[i], v_cache[i], *rest)
+        ks.append(kc)
+        vs.append(vc)
+    return x, jnp.stack(ks), jnp.stack(vs)

@@ -6,9 +6,9 @@ from flax import nnx
 
 import pallas_kernels
 from glmjax.model.cpu_attention import attention_cpu
-from glmjax.model.layers import dense, dtype_of, param
+from glmjax.model.layers import Norm, dense, dtype_of, param
 from glmjax.model.rope import apply_rope
-from glmjax.sharding import constrain, current_mesh
+from glmjax.sharding import batch_axes, constrain, current_mesh
 
 
 def repeat_kv_to_tensor(k_BSKD, v_BSKD, num_heads: int, mesh):
@@ -47,12 +47,14 @@ def attend(q_BTHD, k_BSKD, v_BSKD, segment_ids_BT, bidirectional_BT, *, impl: st
         if platform == "cpu":  # same values, a cheaper backward on XLA:CPU (glmjax/model/cpu_attention.py)
             return attention_cpu(*args, causal=True)
         return pallas_kernels.flash_attention(*args, causal=True, implementation="xla")
+    extra = {} if mesh is None else {"batch_axes": batch_axes(mesh)}
     return pallas_kernels.sharded_flash_attention(*args, mesh=mesh, causal=True, implementation=kernel,
-                                                  interpret=interpret)
+                                                  interpret=interpret, **extra)
 
 
 class Attention(nnx.Module):
-    """MHA / GQA with optional qkv bias and output bias (``model.attn_out_bias``); rotary (1D or 2D) on q, k."""
+    """MHA / GQA with optional qkv bias, output bias (``model.attn_out_bias``) and qk-norm (``model.qk_norm``);
+    rotary (1D or 2D) on q, k."""
 
     def __init__(self, cfg, rngs: nnx.Rngs, *, stds: dict):
         pd = dtype_of(cfg.param_dtype)
@@ -70,6 +72,10 @@ class Attention(nnx.Module):
         self.out_bias = bool(cfg.get("attn_out_bias", False))
         if self.out_bias:
             self.bo = param(rngs, (D,), ("norm",), std=0, dtype=pd)
+        self.qk_norm = bool(cfg.get("qk_norm", False))
+        if self.qk_norm:  # RMSNorm over head_dim of every q / k head, before rotary (GLM-4.5)
+            self.q_norm = Norm(cfg, rngs, dim=hd, rms=True)
+            self.k_norm = Norm(cfg, rngs, dim=hd, rms=True)
 
     def qkv(self, x_BTD, pos_BT, block_pos_BT):
         """Projected q, k, v with rotary applied to q and k (shared with the KV-cache decode path)."""
@@ -79,6 +85,8 @@ class Attention(nnx.Module):
         v = dense(x_BTD, self.wv[...].astype(dt))
         if cfg.qkv_bias:
             q, k, v = q + self.bq[...].astype(dt), k + self.bk[...].astype(dt), v + self.bv[...].astype(dt)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         rope = dict(theta=cfg.rope_theta, rope_2d=cfg.rope_2d, style=cfg.rope_style,
                     partial_rotary_factor=cfg.partial_rotary_factor)
         return apply_rope(q, pos_BT, block_pos_BT, **rope), apply_rope(k, pos_BT, block_pos_BT, **rope), v

@@ -14,6 +14,8 @@ from flax import nnx
 
 from glmjax.model.attention import Attention
 from glmjax.model.layers import GatedMLP, Norm, dense, dtype_of, init_stds, param
+from glmjax.model.moe import MoE
+from glmjax.moe_config import moe_layer_count
 from glmjax.sharding import constrain, residual_axes
 
 REMAT = {
@@ -33,27 +35,36 @@ def deepnorm_residual(alpha: float, x, f):
 class Block(nnx.Module):
     """One transformer layer. DeepNorm: ``x = LN(alpha*x + f(x))``; pre-norm: ``x = x + f(RMS(x))``."""
 
-    def __init__(self, cfg, rngs: nnx.Rngs):
+    def __init__(self, cfg, rngs: nnx.Rngs, moe: bool = False):
         self.deepnorm = cfg.norm == "deepnorm"
         self.alpha = (2.0 * cfg.num_layers) ** 0.5 if self.deepnorm else 1.0
+        self.moe = moe  # MoE blocks (glmjax/model/moe.py) also return their routing statistics
         stds = init_stds(cfg)
         self.attn_norm = Norm(cfg, rngs)
         self.attn = Attention(cfg, rngs, stds=stds)
         self.mlp_norm = Norm(cfg, rngs)
-        self.mlp = GatedMLP(cfg, rngs, stds=stds)
+        self.mlp = MoE(cfg, rngs, stds=stds) if moe else GatedMLP(cfg, rngs, stds=stds)
         self.residual_axes = residual_axes(cfg)
 
     def __call__(self, x_BTD, feats, mesh=None):
+        stats = []
+        mlp = (lambda h: _keep(self.mlp(h, feats, mesh), stats)) if self.moe else self.mlp
         if self.deepnorm:
             dt = x_BTD.dtype
             h = deepnorm_residual(self.alpha, x_BTD, self.attn(x_BTD, feats, mesh))
             x_BTD = constrain(self.attn_norm(h).astype(dt), self.residual_axes)
-            x_BTD = self.mlp_norm(deepnorm_residual(self.alpha, x_BTD, self.mlp(x_BTD))).astype(dt)
+            x_BTD = self.mlp_norm(deepnorm_residual(self.alpha, x_BTD, mlp(x_BTD))).astype(dt)
         else:
             x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), feats, mesh)
             x_BTD = constrain(x_BTD, self.residual_axes)  # sequence parallel: reduce-scatter here
-            x_BTD = x_BTD + self.mlp(self.mlp_norm(x_BTD))
-        return constrain(x_BTD, self.residual_axes)
+            x_BTD = x_BTD + mlp(self.mlp_norm(x_BTD))
+        x_BTD = constrain(x_BTD, self.residual_axes)
+        return (x_BTD, stats[0]) if self.moe else x_BTD
+
+
+def _keep(out_and_stats, sink: list):
+    sink.append(out_and_stats[1])
+    return out_and_stats[0]
 
 
 class GLM(nnx.Module):
@@ -63,15 +74,10 @@ class GLM(nnx.Module):
         self.dtype = dtype_of(cfg.dtype)
         self.embed = param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), std=cfg.init_std,
                            dtype=pd)
-        if cfg.scan_layers:
-            @nnx.split_rngs(splits=cfg.num_layers)
-            @nnx.vmap(in_axes=(0,), out_axes=0)
-            def make_layers(rngs):
-                return Block(cfg, rngs)
-
-            self.layers = make_layers(rngs)
-        else:
-            self.layers = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_layers)])
+        n_moe = moe_layer_count(cfg)  # MoE: the first model.moe.first_dense_layers stay dense
+        self.layers = _make_layers(cfg, rngs, cfg.num_layers - n_moe, moe=False)
+        if n_moe:
+            self.moe_layers = _make_layers(cfg, rngs, n_moe, moe=True)
         if cfg.get("embedding_norm", False):
             self.embed_norm = Norm(cfg, rngs)
         if cfg.get("final_norm", True):
@@ -80,17 +86,22 @@ class GLM(nnx.Module):
             self.lm_head = param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"),
                                  std=cfg.init_std, dtype=pd)
 
-    def __call__(self, feats: dict, mesh=None) -> jax.Array:
-        logits = dense(self.hidden(feats, mesh), self.head())
-        return constrain(logits, ("batch", "length", "vocab"))
+    def __call__(self, feats: dict, mesh=None, *, with_aux: bool = False):
+        """Logits ``[B, T, vocab]``; with ``with_aux`` ``(logits, MoE routing stats)`` (see :meth:`hidden`)."""
+        h = self.hidden(feats, mesh, with_aux=with_aux)
+        h, aux = h if with_aux else (h, None)
+        logits = constrain(dense(h, self.head()), ("batch", "length", "vocab"))
+        return (logits, aux) if with_aux else logits
 
     def head(self) -> jax.Array:
         """The output projection ``[embed, vocab]`` in the compute dtype (tied: the embedding^T)."""
         head = self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
         return head.astype(self.dtype)
 
-    def hidden(self, feats: dict, mesh=None) -> jax.Array:
-        """The final-normalised hidden states ``[B, T, embed]`` (logits = ``hidden @ head()``)."""
+    def hidden(self, feats: dict, mesh=None, *, with_aux: bool = False):
+        """The final-normalised hidden states ``[B, T, embed]`` (logits = ``hidden @ head()``); with
+        ``with_aux`` also the MoE layers' routing statistics stacked over layers (``{load [L, E],
+        entropy [L], aux_loss [L]}``; None for a dense model)."""
         cfg = self.cfg
         # gather from a table sharded over vocab only: the lookup is local + one all-reduce
         table = constrain(self.embed[...], ("vocab", None))
@@ -106,16 +117,13 @@ class GLM(nnx.Module):
 
         if cfg.remat != "none":
             run = nnx.remat(run, policy=REMAT[cfg.remat], prevent_cse=not cfg.scan_layers)
-        if cfg.scan_layers:
-            @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry)
-            def scan_fn(block, x):
-                return run(block, x)
-
-            x = scan_fn(self.layers, x)
-        else:
-            for block in self.layers:
-                x = run(block, x)
-        return self.final_normed(x)
+        if self.layers is not None:
+            x = _run_layers(cfg, run, self.layers, x, moe=False)
+        aux = None
+        if hasattr(self, "moe_layers"):
+            x, aux = _run_layers(cfg, run, self.moe_layers, x, moe=True)
+        x = self.final_normed(x)
+        return (x, aux) if with_aux else x
 
     def embed_normed(self, x_BTD):
         """The embeddings after ``model.embedding_norm`` (identity when off)."""
@@ -126,6 +134,37 @@ class GLM(nnx.Module):
     def final_normed(self, x_BTD):
         """The last layer's output after ``model.final_norm`` (identity when off)."""
         return self.final_norm(x_BTD) if self.cfg.get("final_norm", True) else x_BTD
+
+
+def _make_layers(cfg, rngs, n: int, *, moe: bool):
+    """``n`` blocks: stacked by ``nnx.vmap`` when scanned, else an ``nnx.List``; None when ``n == 0``."""
+    if n == 0:
+        return None
+    if cfg.scan_layers:
+        @nnx.split_rngs(splits=n)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def make_layers(rngs):
+            return Block(cfg, rngs, moe)
+
+        return make_layers(rngs)
+    return nnx.List([Block(cfg, rngs, moe) for _ in range(n)])
+
+
+def _run_layers(cfg, run, layers, x, *, moe: bool):
+    """Run a stack of blocks; MoE stacks return ``(x, stats stacked over layers)``."""
+    if cfg.scan_layers:
+        @nnx.scan(in_axes=(0, nnx.Carry), out_axes=(nnx.Carry, 0) if moe else nnx.Carry)
+        def scan_fn(block, x):
+            return run(block, x)
+
+        return scan_fn(layers, x)
+    stats = []
+    for block in layers:
+        x = run(block, x)
+        if moe:
+            x, s = x
+            stats.append(s)
+    return (x, jax.tree.map(lambda *a: jnp.stack(a), *stats)) if moe else x
 
 
 def param_axes(state) -> dict:

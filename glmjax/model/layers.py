@@ -68,11 +68,12 @@ def dense(x, w, n: int = 1):
 class Norm(nnx.Module):
     """LayerNorm (scale + bias, for DeepNorm) or RMSNorm (scale), computed in float32."""
 
-    def __init__(self, cfg, rngs: nnx.Rngs):
+    def __init__(self, cfg, rngs: nnx.Rngs, *, dim: int | None = None, rms: bool | None = None):
+        """``dim`` (default hidden_size) and ``rms`` (default: ``model.norm``) for other uses (qk-norm)."""
         pd = dtype_of(cfg.param_dtype)
-        self.rms = cfg.norm == "rmsnorm_pre"
+        self.rms = cfg.norm == "rmsnorm_pre" if rms is None else rms
         self.eps = cfg.norm_eps
-        self.scale = param(rngs, (cfg.hidden_size,), ("norm",), std=None, dtype=pd)
+        self.scale = param(rngs, (dim or cfg.hidden_size,), ("norm",), std=None, dtype=pd)
         if not self.rms:
             self.bias = param(rngs, (cfg.hidden_size,), ("norm",), std=0, dtype=pd)
 
@@ -111,21 +112,26 @@ def gelu_fn(kind: str):
     return lambda x: jax.nn.gelu(x, approximate=kind == "tanh")
 
 
+def activation(cfg):
+    """The activation of ``model.mlp``: SiLU (swiglu) or GELU of ``model.gelu`` (geglu, gelu)."""
+    return jax.nn.silu if cfg.mlp == "swiglu" else gelu_fn(cfg.get("gelu", "erf"))
+
+
 class GatedMLP(nnx.Module):
     """The MLP (``model.mlp``). GeGLU / SwiGLU with a fused input projection ``wi: [embed, 2, mlp]``:
     ``act(h[gate]) * h[value]`` with gate index 0, value 1 (``glu_order=gate_first``) or the reverse
     (``value_first``). ``gelu``: the plain MLP ``wo(gelu(wi x))`` with ``wi: [embed, mlp]``. Optional
-    biases ``bi`` (shaped like wi's output) and ``bo [embed]`` (``model.mlp_bias``)."""
+    biases ``bi`` (shaped like wi's output) and ``bo [embed]`` (``model.mlp_bias``). ``mlp_dim`` overrides
+    ``model.mlp_dim`` (the MoE shared experts)."""
 
-    def __init__(self, cfg, rngs: nnx.Rngs, *, stds: dict):
+    def __init__(self, cfg, rngs: nnx.Rngs, *, stds: dict, mlp_dim: int | None = None):
         pd = dtype_of(cfg.param_dtype)
         self.dtype = dtype_of(cfg.dtype)
-        kind = cfg.mlp
-        self.gated = kind != "gelu"
-        self.act = jax.nn.silu if kind == "swiglu" else gelu_fn(cfg.get("gelu", "erf"))
+        self.gated = cfg.mlp != "gelu"
+        self.act = activation(cfg)
         self.gate = 1 if cfg.get("glu_order", "gate_first") == "value_first" else 0
         self.bias = bool(cfg.get("mlp_bias", False))
-        D, F = cfg.hidden_size, cfg.mlp_dim
+        D, F = cfg.hidden_size, mlp_dim or cfg.mlp_dim
         shape, axes = ((D, 2, F), ("embed", "gate_up", "mlp")) if self.gated else ((D, F), ("embed", "mlp"))
         self.wi = param(rngs, shape, axes, std=stds["mlp_wi"], dtype=pd)
         self.wo = param(rngs, (F, D), ("mlp", "embed"), std=stds["mlp_wo"], dtype=pd)

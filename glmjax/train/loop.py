@@ -28,6 +28,8 @@ from glmjax.train.metrics import MetricsWriter, peak_flops_per_device
 from glmjax.train.state import init_state, model_spec
 from glmjax.train.step import make_eval_step, make_train_step
 
+MOE_METRICS = ("moe_imbalance", "moe_imbalance_mean", "router_entropy", "moe_aux_loss")  # MoE models only
+
 log = logging.getLogger("glmjax.train")
 
 
@@ -176,6 +178,7 @@ def train(cfg, workdir: str, *, restart: bool = True, pipelines=None) -> dict:
                 record.update(loss=float(metrics["loss"]), learning_rate=float(metrics["learning_rate"]),
                               grad_norm=float(metrics["grad_norm"]), tokens_per_second=tps,
                               mfu=tps * fpt.train / (peak * jax.device_count()))
+                record.update({k: float(metrics[k]) for k in MOE_METRICS if k in metrics})
                 bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{tps:,.0f}")
                 t_last, steps_since = now, 0
             if cfg.eval_every and step % cfg.eval_every == 0:

@@ -11,7 +11,8 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from glmjax.sharding import activation_mesh, batch_sharding, replicated
+from glmjax.moe_config import moe_layer_count
+from glmjax.sharding import activation_mesh, batch_axes, batch_sharding, replicated
 from glmjax.train.loss import chunked_cross_entropy_sums
 from glmjax.train.optimizer import learning_rate_schedule
 from glmjax.train.state import ModelSpec, TrainState
@@ -28,14 +29,19 @@ def cross_entropy_sums(logits_BTV, targets_BT, weights_BT):
     return jnp.sum((logz - picked) * w), jnp.sum(w)
 
 
-def loss_sums(params, batch, graphdef, mesh):
+def loss_sums(params, batch, graphdef, mesh, *, with_aux: bool = False):
+    """(loss sum, weight sum); with ``with_aux`` also the MoE routing statistics (glmjax/train/moe_step.py)."""
     model = nnx.merge(graphdef, params)
     chunk = int(getattr(model.cfg, "loss_chunk", 0) or 0)
     if chunk:  # model.loss_chunk: never materialise [B, T, vocab] (glmjax/train/loss.py)
-        return chunked_cross_entropy_sums(model.hidden(batch, mesh), model.head(), batch["targets"],
-                                          batch["loss_weights"], chunk)
-    logits = model(batch, mesh)
-    return cross_entropy_sums(logits, batch["targets"], batch["loss_weights"])
+        h = model.hidden(batch, mesh, with_aux=with_aux)
+        h, aux = h if with_aux else (h, None)
+        sums = chunked_cross_entropy_sums(h, model.head(), batch["targets"], batch["loss_weights"], chunk)
+    else:
+        logits = model(batch, mesh, with_aux=with_aux)
+        logits, aux = logits if with_aux else (logits, None)
+        sums = cross_entropy_sums(logits, batch["targets"], batch["loss_weights"])
+    return (*sums, aux) if with_aux else sums
 
 
 def accumulated_grads(params, batch, graphdef, mesh: Mesh, accum: int):
@@ -49,7 +55,7 @@ def accumulated_grads(params, batch, graphdef, mesh: Mesh, accum: int):
     if accum == 1:
         (loss_sum, weight), grads = grads_of(batch)
         return loss_sum, weight, grads
-    micro = jax.tree.map(lambda x: _split_micro(x, accum, mesh), batch)
+    micro = jax.tree.map(lambda x: split_micro(x, accum, mesh), batch)
 
     def body(carry, mb):
         (s, w), g = grads_of(mb)
@@ -62,19 +68,30 @@ def accumulated_grads(params, batch, graphdef, mesh: Mesh, accum: int):
 
 
 def make_train_step(cfg, spec: ModelSpec, mesh: Mesh):
-    """``train_step(state, batch) -> (state, metrics)``, jitted with donated state."""
+    """``train_step(state, batch) -> (state, metrics)``, jitted with donated state. MoE models also
+    move the routers' correction biases after the update and log routing metrics (moe_step.py)."""
     accum = int(cfg.optimizer.grad_accum_steps)
     schedule = learning_rate_schedule(cfg)
+    moe = moe_layer_count(cfg.model) > 0
+    if moe:
+        from glmjax.train import moe_step
 
     def train_step(state: TrainState, batch):
         with activation_mesh(mesh):
-            loss_sum, weight, grads = accumulated_grads(state.params, batch, spec.graphdef, mesh, accum)
+            if moe:
+                loss_sum, weight, grads, stats = moe_step.accumulated_grads(
+                    state.params, batch, spec.graphdef, mesh, accum, cfg.model.moe.aux_loss_weight)
+            else:
+                loss_sum, weight, grads = accumulated_grads(state.params, batch, spec.graphdef, mesh, accum)
         denom = jnp.maximum(weight, 1.0)
         grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, state.params)
         updates, opt_state = spec.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {"loss": loss_sum / denom, "grad_norm": _global_norm(grads),
                    "learning_rate": schedule(state.step), "target_tokens": weight}
+        if moe:  # aux-loss-free balancing, outside the gradient; the bias lives in params (checkpointed)
+            params, moe_metrics = moe_step.after_update(params, stats, cfg.model.moe)
+            metrics.update(moe_metrics)
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     feats = {k: batch_sharding(mesh) for k in FEATURES}
@@ -93,12 +110,12 @@ def make_eval_step(cfg, spec: ModelSpec, mesh: Mesh):
     return jax.jit(eval_step, in_shardings=(spec.shardings.params, feats), out_shardings=replicated(mesh))
 
 
-def _split_micro(x, accum: int, mesh: Mesh):
+def split_micro(x, accum: int, mesh: Mesh):
     """[B, ...] -> [accum, B/accum, ...] taking rows i*accum+m for micro-batch m (stays device-local)."""
     b = x.shape[0]
     y = x.reshape(b // accum, accum, *x.shape[1:]).swapaxes(0, 1)
     if mesh.size > 1:
-        spec = P(None, ("data", "fsdp"), *([None] * (x.ndim - 1)))
+        spec = P(None, batch_axes(mesh), *([None] * (x.ndim - 1)))
         y = jax.lax.with_sharding_constraint(y, NamedSharding(mesh, spec))
     return y
 
