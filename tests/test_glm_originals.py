@@ -232,7 +232,7 @@ def test_bad_checkpoints_name_the_first_mismatching_tensor(glm130b_dir, tmp_path
         import_hf(src, str(wd), config_path=cfg, overrides=SMALL + ["--config.model.hidden_size=32"])
     with pytest.raises(ImportError_, match="has 2 layers but --config has model.num_layers=1"):
         import_hf(src, str(wd), config_path=cfg, overrides=SMALL + ["--config.model.num_layers=1"])
-    with pytest.raises(ImportError_, match="unknown --layout='gpt2': known layouts are chatglm, chatglm2, glm, glm130b, glmjax"):
+    with pytest.raises(ImportError_, match="unknown --layout='gpt2': known layouts are chatglm, chatglm2, glm, glm130b, glm4_moe, glmjax"):
         import_hf(src, str(wd), layout="gpt2")
     with pytest.raises(ImportError_, match="--config must give its shape"):
         import_hf(src, str(wd), overrides=SMALL)

@@ -167,7 +167,7 @@ def test_chatglm2_bad_input_is_named(chatglm2_dir, tmp_path):
         import_hf(variant("layers", num_layers=1), str(wd), config_path=preset, overrides=RUN)
     with pytest.raises(ImportError_, match=r"apply_residual_connection_post_layernorm=True .*; pre_seq_len=8"):
         import_hf(variant("ptuning", apply_residual_connection_post_layernorm=True, pre_seq_len=8), str(wd))
-    with pytest.raises(ImportError_, match="known layouts are chatglm, chatglm2, glm, glm130b, glmjax"):
+    with pytest.raises(ImportError_, match="known layouts are chatglm, chatglm2, glm, glm130b, glm4_moe, glmjax"):
         import_hf(src, str(wd), layout="chatglm3")
     with pytest.raises(ImportError_, match=r"--layout=chatglm but .* is a 'chatglm2' model"):
         import_hf(src, str(wd), layout="chatglm")
