@@ -9,56 +9,18 @@ qk-norm, half-split rotary on half of head_dim (theta 1e6), 160 routed experts o
 151552, untied head. Counts: 352.8B parameters (published 355B, without the multi-token-prediction
 layer), 32.1B active parameters in the blocks per token (published 32B; embedding and head excluded).
 
-Chips: parameters + AdamW state in float32 are 16 bytes/parameter = 5.6 TB, so a TPU v5p-256 (128 chips,
-95 GB HBM each, 12 TB) with ``mesh.expert=32 mesh.fsdp=4`` holds ~44 GB of state per chip, leaving the
-rest for activations (remat on). Cost: 6 * 32.1e9 active * 1e12 tokens = 1.9e23 FLOPs per trillion
-tokens: ~33 days on that v5p-256 at 40% MFU (estimate, not measured).
+Chips: a TPU v5p-512 (256 chips, 95.74 GiB HBM each), mesh fsdp=16 x expert=16; batch 512 x 4096 in 2
+micro-batches (one sequence per chip each), full remat, loss chunks of 512. Measured with the TPU compiler
+(``python tools/aot_compile.py --config=configs/glm45.py --topology=v5p-512``, docs/tpu_aot.md): train step
+73.51 GB per chip (arguments 16.59 GB, temporaries 56.92 GB), eval step fits too: margin 29.3 GB. A v5p-256
+(fsdp 8 x expert 16, 4 micro-batches) needs 111.82 GB per chip: 9.0 GB over.
+Cost: 4.72e17 model FLOPs per step (glmjax.scaling.flops: active parameters + attention), 2.2e23 per
+trillion tokens: ~55 days on that v5p-512 at 40% MFU of 459 TFLOP/s bf16 per chip (estimate, not measured).
 """
-from glmjax.config import base_config
+from glmjax.moe_config import glm45_config
 
 
 def get_config():
-    c = base_config()
-    c.steps = 250_000
-    c.batch_size = 512
-    c.seq_len = 4096
-    c.log_every = 10
-    c.eval_every = 1000
-    c.eval_steps = 10
-    m = c.model
-    m.num_layers = 92
-    m.hidden_size = 5120
-    m.num_heads = 96
-    m.num_kv_heads = 8
-    m.head_dim = 128
-    m.mlp_dim = 12288
-    m.vocab_size = 151552
-    m.norm = "rmsnorm_pre"
-    m.norm_eps = 1e-5
-    m.mlp = "swiglu"
-    m.rope_2d = False
-    m.rope_theta = 1e6
-    if "rope_style" in m:  # half-split rotary (knob of the rotary issue; glmjax's interleaved default is
-        m.rope_style = "half"  # the same function up to a column permutation that export applies)
-    m.qkv_bias = True
-    m.qk_norm = True
-    m.dtype = "bfloat16"
-    m.param_dtype = "float32"
-    m.remat = "dots_with_no_batch_dims"
-    m.attention_impl = "auto"
-    e = m.moe
-    e.num_experts = 160
-    e.experts_per_token = 8
-    e.expert_mlp_dim = 1536
-    e.num_shared_experts = 1
-    e.first_dense_layers = 3
-    e.n_group = 1
-    e.topk_group = 1
-    e.norm_topk_prob = True
-    e.routed_scaling_factor = 2.5
-    c.optimizer.lr = 3e-4
-    c.optimizer.warmup_steps = 2000
-    c.mesh.data = -1
-    c.mesh.fsdp = 4
-    c.mesh.expert = 32
-    return c
+    return glm45_config(num_layers=92, hidden_size=5120, mlp_dim=12288, num_experts=160, expert_mlp_dim=1536,
+                        first_dense_layers=3, qk_norm=True, routed_scaling_factor=2.5, fsdp=16, mesh_expert=16,
+                        grad_accum_steps=2)

@@ -102,3 +102,44 @@ def validate_moe(cfg, expert: int | None = None) -> None:
     require(m.mlp in ("swiglu", "geglu"),
             f"model.mlp={m.mlp!r} with model.moe.num_experts={E}: experts are gated MLPs; use "
             f"--config.model.mlp=swiglu (GLM-4.5)")
+
+
+def glm45_config(*, num_layers: int, hidden_size: int, mlp_dim: int, num_experts: int, expert_mlp_dim: int,
+                 first_dense_layers: int, qk_norm: bool, routed_scaling_factor: float, fsdp: int,
+                 mesh_expert: int, grad_accum_steps: int) -> ml_collections.ConfigDict:
+    """The preset of a released GLM-4.5-family model (configs/glm45.py, configs/glm45_air.py): what they
+    share (96 heads of 128 with 8 kv heads, qkv bias, half-split rotary on half of head_dim with theta 1e6,
+    vocab 151552, SwiGLU, top-8 sigmoid routing in one group with 1 shared expert, RMSNorm 1e-5) and the
+    training settings their fit check on the TPU compiler chose (batch 512 x 4096 in ``grad_accum_steps``
+    micro-batches of one sequence per chip, full remat, chunked loss, mesh ``fsdp`` x ``mesh_expert``)."""
+    from glmjax.config import base_config
+
+    c = base_config()
+    c.steps = 250_000
+    c.batch_size = 512
+    c.seq_len = 4096
+    c.log_every = 10
+    c.eval_every = 1000
+    c.eval_steps = 10
+    m = c.model
+    m.num_layers, m.hidden_size, m.mlp_dim = num_layers, hidden_size, mlp_dim
+    m.num_heads, m.num_kv_heads, m.head_dim = 96, 8, 128
+    m.vocab_size = 151552
+    m.norm, m.norm_eps, m.mlp = "rmsnorm_pre", 1e-5, "swiglu"
+    m.rope_2d, m.rope_theta = False, 1e6
+    m.rope_style = "half"  # glmjax's interleaved default is the same function up to a column permutation
+    m.qkv_bias, m.qk_norm = True, qk_norm
+    m.dtype, m.param_dtype = "bfloat16", "float32"
+    m.remat = "full"  # dots_with_no_batch_dims also keeps the experts' intermediates (fit check: 1.3x the memory)
+    m.loss_chunk = 512
+    m.attention_impl = "auto"
+    e = m.moe
+    e.num_experts, e.experts_per_token, e.expert_mlp_dim = num_experts, 8, expert_mlp_dim
+    e.num_shared_experts, e.first_dense_layers = 1, first_dense_layers
+    e.n_group, e.topk_group = 1, 1
+    e.norm_topk_prob, e.routed_scaling_factor = True, routed_scaling_factor
+    c.optimizer.lr = 3e-4
+    c.optimizer.warmup_steps = 2000
+    c.optimizer.grad_accum_steps = grad_accum_steps
+    c.mesh.data, c.mesh.fsdp, c.mesh.expert = -1, fsdp, mesh_expert
+    return c

@@ -27,7 +27,9 @@ RULES: dict[str, tuple[str, ...] | str | None] = {
     # the residual stream between blocks along length, with model.sequence_parallel: XLA all-gathers it
     # before attention / MLP and reduce-scatters after, so tensor parallelism shrinks activations too
     "residual_length": "tensor",
-    "embed": "fsdp",  # parameters: ZeRO-3 style, gathered per layer by XLA
+    # parameters: ZeRO-3 style, gathered per layer by XLA; with MoE expert parallelism the expert axis
+    # shards the non-expert weights too (routed expert weights take it for "experts" first)
+    "embed": ("fsdp", "expert"),
     "act_embed": None,  # activations' hidden dim
     "heads": "tensor",
     "kv_heads": "tensor",

@@ -105,6 +105,10 @@ def test_expert_parallel_training_equals_one_device(one_device, layout):
     cfg = tiny_moe(*[f"--config.mesh.{k}={v}" for k, v in {"data": 1, **layout}.items()], *PARALLEL)
     spec, state, step_fn, sh, mesh = setup(cfg, jax.devices()[:8], params)
     assert dict(mesh.shape) == {"data": 1, "fsdp": 1, "tensor": 1, **layout}
+    # ZeRO-3 over fsdp x expert: the expert axis shards the non-expert weights too (no copy per expert device)
+    V, D = cfg.model.vocab_size, cfg.model.hidden_size
+    shard = state.params["embed"].addressable_shards[0].data.shape
+    assert shard == (V // mesh.shape["tensor"], D // (mesh.shape["fsdp"] * mesh.shape["expert"])), shard
     s, g, stats = first_grads(cfg, spec, state, mesh, sh)
     np.testing.assert_array_equal(stats["load"], ref_stats["load"])  # identical routing decisions
     valid = int((next(Batches(cfg, 0))["segment_ids"] != 0).sum())  # every real token makes k assignments
@@ -176,12 +180,33 @@ BALANCE = ("--config.mesh.data=1", "--config.model.num_layers=2", "--config.seq_
            "--config.optimizer.lr=1e-3", "--config.checkpoint.async_save=false")
 
 
+class SkewedPermutation(Batches):
+    """A learnable task whose token mix loads some experts more: inputs drawn from Zipf(0.7) over the
+    vocabulary (the most frequent token is 6.8% of all), target = a fixed permutation of the input token.
+    The model must keep token identity in its hidden states, so tokens stay distinguishable to the router
+    and a bias can move some of them. (On uniformly random targets the model learns only the unigram, its
+    hidden states become the same for every token and every token picks the same experts whatever the
+    bias: there the bias cannot balance identical tokens, it only slows the collapse.)"""
+
+    def __next__(self):
+        b = super().__next__()
+        V = self.cfg.model.vocab_size
+        rng = np.random.default_rng([self.seed, self.i, 7])
+        p = 1.0 / np.arange(1, V) ** 0.7
+        tokens = rng.choice(np.arange(1, V), size=b["tokens"].shape, p=p / p.sum()).astype(np.int32)
+        used = b["segment_ids"] != 0
+        b["tokens"] = np.where(used, tokens, 0)
+        b["targets"] = np.where(used, (tokens * 7 + 3) % (V - 1) + 1, 0).astype(np.int32)
+        return b
+
+
 def test_bias_updates_balance_the_experts_and_the_bias_resumes_exactly_from_a_checkpoint(tmp_path):
-    """200 steps of the tiny MoE (1 dense + 1 MoE layer, 8 experts, top 2 of 1 of 2 groups) on random
-    batches of 512 tokens, from the same initial model: without bias updates the router collapses (every
-    token to the same 2 experts: imbalance 4, the maximum for top-2 within one group of 4); with
-    ``bias_update_rate=1e-2`` it stays far below. The run is checkpointed at step 100 and resumed: the
-    restored bias and the next 20 steps are bitwise the uninterrupted run's."""
+    """200 steps of the tiny MoE (1 dense + 1 MoE layer, 8 experts, top 2 of 1 of 2 groups) on batches of
+    512 tokens of :class:`SkewedPermutation`, from the same initial model, with and without the correction
+    bias (``bias_update_rate=1e-2`` / 0). With it the imbalance (max load / mean load) falls from the
+    first 10 steps to the last 50 and ends below the run without it (measured, seeds 0 / 1: 1.66 -> 1.26 vs
+    1.46, and 1.77 -> 1.22 vs 1.57; both runs learn the task, loss 5.56 -> 0.006). The run is checkpointed
+    at step 100 and resumed: the restored bias and the next 20 steps are bitwise the uninterrupted run's."""
     from glmjax.checkpoint import Checkpointer
 
     cfg = tiny_moe(*BALANCE, "--config.model.moe.bias_update_rate=1e-2")
@@ -193,23 +218,24 @@ def test_bias_updates_balance_the_experts_and_the_bias_resumes_exactly_from_a_ch
         if step == 100:
             ckpt.save(step, state, batches.get_state(), force=True)
 
-    on = train_from(state, step_fn, sh, Batches(cfg), 200, on_step=save_at_100)
+    on = train_from(state, step_fn, sh, SkewedPermutation(cfg), 200, on_step=save_at_100)
     off_cfg = tiny_moe(*BALANCE, "--config.model.moe.bias_update_rate=0")
     _, off_state, off_step, off_sh, _ = setup(off_cfg, jax.devices()[:1], params)
-    off = train_from(off_state, off_step, off_sh, Batches(off_cfg), 200)
+    off = train_from(off_state, off_step, off_sh, SkewedPermutation(off_cfg), 200)
     imb_off, imb_on = (np.array([h["moe_imbalance"] for h in hist]) for hist in (off, on))
-    late_off, late_on = imb_off[-50:].mean(), imb_on[-50:].mean()
-    print(f"imbalance (max load / mean load), first 10 steps / last 50: no bias updates "
-          f"{imb_off[:10].mean():.2f} / {late_off:.2f}, bias updates {imb_on[:10].mean():.2f} / {late_on:.2f}")
-    assert np.all(off[-1]["bias"] == 0) and np.abs(on[-1]["bias"]).max() > 0.1
-    assert late_off > 3.5  # collapsed (4 = every token on the same 2 experts); measured 4.00
-    assert late_on < 3.0 and late_on < 0.75 * late_off  # measured 2.46
+    early_on, late_off, late_on = imb_on[:10].mean(), imb_off[-50:].mean(), imb_on[-50:].mean()
+    print(f"imbalance, first 10 steps / last 50: no bias updates {imb_off[:10].mean():.2f} / {late_off:.2f}, "
+          f"bias updates {early_on:.2f} / {late_on:.2f}")
+    assert np.all(off[-1]["bias"] == 0) and np.abs(on[-1]["bias"]).max() > 0.02
+    assert on[-1]["loss"] < 0.1 * on[0]["loss"] and off[-1]["loss"] < 0.1 * off[0]["loss"]  # the task is learnt
+    assert late_on < 0.85 * early_on  # falls: measured 0.76 / 0.69 of the start (seeds 0 / 1)
+    assert late_on < 0.93 * late_off  # and ends lower than without the bias: measured 0.86 / 0.78
 
     restored, data_state, step = ckpt.restore(spec.abstract_state)
     ckpt.close()
     assert step == 100
     np.testing.assert_array_equal(bias_of(restored), on[99]["bias"])
-    batches = Batches(cfg)
+    batches = SkewedPermutation(cfg)
     batches.set_state(data_state)
     resumed = train_from(restored, step_fn, sh, batches, 20)
     for h, r in zip(resumed, on[100:120]):

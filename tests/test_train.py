@@ -10,7 +10,7 @@ from glmjax.config import load_config, validate
 from glmjax.sharding import batch_sharding, make_mesh
 from glmjax.train.optimizer import learning_rate_schedule
 from glmjax.train.state import init_state, model_spec
-from glmjax.train.step import accumulated_grads, make_train_step
+from glmjax.train.step import accumulated_grads, make_eval_step, make_train_step
 from helpers import random_glm_features
 
 TINY = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.py")
@@ -153,6 +153,26 @@ def test_accumulated_training_losses_match():
     acc, _ = run_losses(tiny("--config.mesh.data=1", "--config.optimizer.grad_accum_steps=4"),
                         jax.devices()[:1], 4, seed=3)
     np.testing.assert_allclose(acc, full, rtol=1e-5)  # mean losses: insensitive to single weights
+
+
+def test_eval_step_over_micro_batches_equals_the_whole_batch():
+    """With optimizer.grad_accum_steps the eval step runs the same micro-batches as training (so it needs
+    no more memory than a train step): its sums equal the one-shot evaluation on 2 devices x 4 micro-
+    batches (loss: float32 sums over 256 tokens regrouped, ~n*eps32 = 2e-5 relative at worst)."""
+    sums = {}
+    for accum in (1, 4):
+        cfg = tiny("--config.mesh.data=2", f"--config.optimizer.grad_accum_steps={accum}")
+        validate(cfg, 2)
+        mesh = make_mesh(cfg, jax.devices()[:2])
+        spec = model_spec(cfg, mesh)
+        params = init_state(cfg, spec).params  # the same seed: the same model for both
+        batch = random_glm_features(np.random.default_rng(5), cfg.batch_size, cfg.seq_len, cfg.model.vocab_size)
+        sh = batch_sharding(mesh)
+        sums[accum] = [float(x) for x in make_eval_step(cfg, spec, mesh)(
+            params, {k: local_rows_to_global(v, sh) for k, v in batch.items()})]
+        assert sums[accum][1] == float(batch["loss_weights"].sum()) > 0
+    assert sums[4][0] == pytest.approx(sums[1][0], rel=2e-5)
+    assert sums[1][0] / sums[1][1] > 1.0  # a real loss, not a zero sum
 
 
 def test_learning_rate_schedule_analytic():

@@ -34,6 +34,13 @@ def format_report(r: dict) -> str:
                      f"({100 * r['margin_bytes'] / r['hbm_bytes']:.1f}% of HBM free)")
     elif r.get("error"):
         lines.append(f"DOES NOT FIT: the TPU compiler refused the program: {r['error'][:300]}")
+    elif r["margin_bytes"] >= 0 and r.get("eval") and not r["eval"]["fits"]:
+        ev = r["eval"]
+        why = f"the TPU compiler refused it: {ev['error'][:300]}" if ev.get("error") else \
+            f"it needs {_gb(ev['total'])} of {_gb(r['hbm_bytes'])} HBM"
+        lines.append(f"DOES NOT FIT: the train step fits (margin {_gb(r['margin_bytes'])}) but the eval step does "
+                     f"not: {why}. It evaluates a batch of batch_size in optimizer.grad_accum_steps micro-batches, "
+                     f"as training does: raise grad_accum_steps, or check with --no_eval and set eval_every=0")
     else:
         lines.append(f"DOES NOT FIT: {_gb(-r['margin_bytes'])} over HBM")
     lines.append(f"compile time {r['compile_seconds']:.1f} s (train step {r['train_compile_seconds']:.1f} s)")

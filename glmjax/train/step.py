@@ -100,11 +100,23 @@ def make_train_step(cfg, spec: ModelSpec, mesh: Mesh):
 
 
 def make_eval_step(cfg, spec: ModelSpec, mesh: Mesh):
-    """``eval_step(params, batch) -> (loss_sum, weight_sum)``."""
+    """``eval_step(params, batch) -> (loss_sum, weight_sum)``, over the same micro-batches as the train
+    step (``optimizer.grad_accum_steps``), so evaluating a batch needs no more activation memory than
+    training on it (a large-batch MoE run would otherwise fit to train but not to evaluate)."""
+    accum = int(cfg.optimizer.grad_accum_steps)
 
     def eval_step(params, batch):
         with activation_mesh(mesh):
-            return loss_sums(params, batch, spec.graphdef, mesh)
+            if accum == 1:
+                return loss_sums(params, batch, spec.graphdef, mesh)
+            micro = jax.tree.map(lambda x: split_micro(x, accum, mesh), batch)
+
+            def body(carry, mb):
+                s, w = loss_sums(params, mb, spec.graphdef, mesh)
+                return (carry[0] + s, carry[1] + w), None
+
+            zero = jnp.zeros((), jnp.float32)
+            return jax.lax.scan(body, (zero, zero), micro)[0]
 
     feats = {k: batch_sharding(mesh) for k in FEATURES}
     return jax.jit(eval_step, in_shardings=(spec.shardings.params, feats), out_shardings=replicated(mesh))
