@@ -145,3 +145,58 @@ def test_bad_inputs_are_clear_errors(tmp_path):
     one_budget = table_from_rows(isoflop_rows(TRUTH, [1e18]))
     with pytest.raises(FitError, match="approach 2 needs IsoFLOP minima at >= 2 budgets"):
         approach2.fit_approach2(one_budget)
+
+
+# A real table (a 6-run CPU sweep with 1-batch evaluations, seen in a suite run): the losses barely depend
+# on N, and the unconstrained best optimum is a negative alpha with A underflowed to 0 (A / N^alpha = 0/0
+# in the prediction, NaN everywhere downstream).
+FLAT_ROWS = [(11568, 44288, 3.2e9, 4.570456), (11568, 88704, 6.4e9, 4.450986), (28256, 18304, 3.2e9, 4.453146),
+             (28256, 36608, 6.4e9, 4.513364), (80112, 6400, 3.2e9, 4.703482), (80112, 12800, 6.4e9, 4.533071)]
+
+
+def flat_table_rows():
+    return [{"params": repr(float(n)), "tokens": repr(float(d)), "flops": repr(c), "loss": repr(l)}
+            for n, d, c, l in FLAT_ROWS]
+
+
+def test_a_flat_table_keeps_the_exponents_in_the_domain_and_the_report_is_finite(tmp_path):
+    from glmjax.scaling.report import fit_and_plot
+
+    n, d, l = arrays(flat_table_rows())
+    thetas, objs = approach3.minimise(approach3.grid_points(approach3.GRID), (np.log(n), np.log(d), np.log(l)))
+    assert thetas[np.argmin(objs), 3] < 0  # the unconstrained optimum leaves the law's domain on this table
+    path = write_csv(tmp_path / "flat.csv", flat_table_rows(), ["params", "tokens", "flops", "loss"])
+    fit, plots = fit_and_plot(path, str(tmp_path / "out"), 1e11, bootstrap=20)
+    f3 = fit["approach3"]
+    assert f3["alpha"] >= 0 and f3["beta"] >= 0 and f3["objective"] >= objs.min()
+    pred = approach3.predict_loss(f3, n, d)
+    assert np.all(np.isfinite(pred)) and np.max(np.abs(np.log(l / pred))) < 0.05  # the losses are within 4%
+    assert all(np.isfinite(r["predicted"]) and np.isfinite(r["log_residual"]) for r in fit["residuals"])
+    p = fit["prediction"]
+    assert np.isfinite(p["loss"]) and p["params"] > 0 and p["tokens"] > 0
+    assert f3["bootstrap"] == 20 and 0 <= f3["bootstrap_left_out"] < 20
+    assert len(plots) == 4 and all((tmp_path / "out" / name).stat().st_size > 5000 for name in
+                                   ("isoflop.png", "optimal_scaling.png", "loss_vs_compute.png", "residuals.png"))
+
+
+def test_a_table_whose_loss_rises_with_n_and_d_is_reported_not_fitted(tmp_path):
+    """Loss = 1 + 0.05 N^0.2 + 0.05 D^0.2 rises with both: no fit with exponents >= 0 describes it. Approach
+    3 is an error entry with the reason, the rest of the report (approach 2, plots, report.md) is written."""
+    from glmjax.scaling.report import write_report
+
+    rising = dict(E=1.0, A=0.05, B=0.05, alpha=-0.2, beta=-0.2)
+    rows = isoflop_rows(rising, [1e15, 1e16, 1e17], six_nd=False)
+    n, d, l = arrays(rows)
+    with pytest.raises(FitError, match=r"no fit with exponents >= 0 .* the losses do not fall with N and D"):
+        approach3.fit_approach3(n, d, l, bootstrap=0, grid=approach3.SMALL_GRID)
+    write_csv(tmp_path / "results.csv", [{**r, "run": f"r{i}", "budget": r["flops"]} for i, r in enumerate(rows)],
+              ["params", "tokens", "flops", "loss", "run", "budget"])
+    report = write_report(str(tmp_path), 1e18, bootstrap=0, grid=approach3.SMALL_GRID)
+    import json
+    fit = json.loads((tmp_path / "fit.json").read_text())
+    assert "exponents >= 0" in fit["approach3"]["error"] and fit["prediction"] is None and fit["residuals"] == []
+    assert "exponents >= 0" in fit["holdout"]["approach3"]["error"]
+    text = open(report).read()
+    assert "approach 3: not fitted" in text and text.count("| not fitted |") == len(rows)
+    assert all((tmp_path / name).stat().st_size > 5000 for name in
+               ("isoflop.png", "optimal_scaling.png", "loss_vs_compute.png", "residuals.png"))

@@ -10,6 +10,13 @@ one batch) from every point of a grid of starts; the lowest objective is kept. T
 objective divided by ``delta^2`` (the same minimiser; a stopping test relative to ``max(|f|, 1)`` would
 otherwise end an objective of order ``n * delta^2`` before convergence).
 
+Only optima with ``alpha >= 0`` and ``beta >= 0`` count (the law's domain: loss that does not rise
+with N or D). On a table whose losses barely depend on N (runs too short or evaluations too noisy to
+tell the sizes apart) the unconstrained optimum can run off to a negative exponent with ``A`` underflowing
+to 0, a step function that predicts nothing; the best optimum inside the domain is kept instead (there,
+typically ``A / N^alpha`` negligible: "no measurable N dependence"), and a table with none is a
+:class:`FitError`.
+
 95% intervals: a bootstrap over points. Each replicate refits a resample (with replacement) of the
 rows (as integer weights), starting from the full fit's optimum and the ``bootstrap_starts`` next best
 distinct grid optima (rerunning the whole grid per replicate would cost the grid size times more for
@@ -89,6 +96,12 @@ def minimise(starts, data, weights=None):
     return x, fx / scale
 
 
+def admissible(thetas, objs) -> np.ndarray:
+    """Which optima are in the law's domain: a finite objective, ``alpha >= 0`` and ``beta >= 0``."""
+    thetas, objs = np.atleast_2d(thetas), np.asarray(objs)
+    return np.isfinite(objs) & np.isfinite(thetas).all(1) & (thetas[:, 3] >= 0) & (thetas[:, 4] >= 0)
+
+
 def grid_points(grid: dict) -> np.ndarray:
     return np.array(list(itertools.product(grid["a"], grid["b"], grid["e"], grid["alpha"], grid["beta"])), float)
 
@@ -101,8 +114,9 @@ def to_named(theta) -> dict:
 def predict_loss(fit: dict, params, tokens):
     """``E + A / N^alpha + B / D^beta`` of a fit (a dict with those names)."""
     params, tokens = np.asarray(params, float), np.asarray(tokens, float)
-    with np.errstate(over="ignore"):
-        return fit["E"] + fit["A"] / params ** fit["alpha"] + fit["B"] / tokens ** fit["beta"]
+    with np.errstate(over="ignore", divide="ignore"):  # in logs: A = 0 (underflowed) gives 0, never 0/0
+        return (fit["E"] + np.exp(np.log(fit["A"]) - fit["alpha"] * np.log(params))
+                + np.exp(np.log(fit["B"]) - fit["beta"] * np.log(tokens)))
 
 
 def fit_approach3(params, tokens, loss, *, grid: dict | None = None, bootstrap: int = 200,
@@ -118,6 +132,14 @@ def fit_approach3(params, tokens, loss, *, grid: dict | None = None, bootstrap: 
                        f"size(s), {len(set(tokens))} token count(s)): A/N^alpha and B/D^beta cannot be told apart")
     data = (np.log(params), np.log(tokens), np.log(loss))
     thetas, objs = minimise(grid_points(grid or GRID), data)
+    ok = admissible(thetas, objs)
+    if not ok.any():
+        i = int(np.nanargmin(np.where(np.isfinite(objs), objs, np.nan))) if np.isfinite(objs).any() else 0
+        raise FitError(f"approach 3 found no fit with exponents >= 0 from any of {len(thetas)} starts (best: "
+                       f"alpha={thetas[i, 3]:.4g}, beta={thetas[i, 4]:.4g}): the losses do not fall with N and D "
+                       f"across the table; train the runs longer, evaluate on more batches, or plan a wider range "
+                       f"of sizes and budgets")
+    objs = np.where(ok, objs, np.inf)
     order = np.argsort(objs)
     best_theta, best_obj = thetas[order[0]], objs[order[0]]
     starts = [best_theta]
@@ -134,13 +156,16 @@ def fit_approach3(params, tokens, loss, *, grid: dict | None = None, bootstrap: 
         k = len(starts)  # every replicate from every seed start, all in one batch
         th, ob = minimise(np.tile(np.stack(starts), (int(bootstrap), 1)), data,
                           np.repeat(counts.astype(float), k, axis=0))
-        best = th.reshape(int(bootstrap), k, 5)[np.arange(int(bootstrap)), ob.reshape(-1, k).argmin(1)]
+        ob = np.where(admissible(th, ob), ob, np.inf).reshape(-1, k)
+        kept = np.isfinite(ob).any(1)  # a replicate with no admissible optimum is left out (counted)
+        best = th.reshape(int(bootstrap), k, 5)[np.arange(int(bootstrap)), ob.argmin(1)][kept]
         with np.errstate(over="ignore"):  # a replicate that runs off (few points) has A or B = inf
             samples = [to_named(t) for t in best]
-        out["ci95"] = {key: [_finite(np.percentile([s[key] for s in samples], 2.5, method="lower")),
-                             _finite(np.percentile([s[key] for s in samples], 97.5, method="higher"))]
-                       for key in NAMES}
+        out["ci95"] = {key: ([_finite(np.percentile([s[key] for s in samples], 2.5, method="lower")),
+                              _finite(np.percentile([s[key] for s in samples], 97.5, method="higher"))]
+                             if samples else [None, None]) for key in NAMES}
         out["bootstrap"] = int(bootstrap)
+        out["bootstrap_left_out"] = int(bootstrap - kept.sum())
     return out
 
 

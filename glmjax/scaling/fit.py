@@ -5,6 +5,8 @@
 * ``approach3``: ``E, A, B, alpha, beta, objective, ci95, n_points`` (:mod:`glmjax.scaling.approach3`);
 * ``approach2``: ``a, b, minima, ci95`` (:mod:`glmjax.scaling.approach2`), or ``{"error": ...}`` when the
   table has no two budgets with an IsoFLOP minimum (published data without budgets);
+* ``approach3`` is ``{"error": ...}`` too when no fit with exponents >= 0 exists (losses that do not fall
+  with N and D); then ``prediction`` is None and ``residuals`` empty;
 * ``prediction`` (approach 3) and ``prediction_approach2``: ``flops, params, tokens, tokens_per_param,
   loss`` at ``target_flops`` (default: 10x the largest budget, marked ``target_flops_default``);
 * ``holdout``: both fits refitted without the largest budget, their error predicting that budget's
@@ -51,10 +53,15 @@ def fit_all(table: Table, target_flops: float | None = None, *, grid=None, boots
     target = float(10.0 * max(table.budgets) if default else target_flops)
     if not target > 0:
         raise FitError(f"--target_flops={target_flops} must be a positive FLOP count, e.g. 1e21")
-    out["approach3"] = approach3.fit_approach3(table.params, table.tokens, table.loss, grid=grid,
-                                               bootstrap=bootstrap, seed=seed)
-    out["prediction"] = approach3.optimal_allocation(out["approach3"], target, _fpt(fpt))
-    out["prediction"]["target_flops_default"] = default
+    out["target_flops"] = target
+    try:
+        out["approach3"] = approach3.fit_approach3(table.params, table.tokens, table.loss, grid=grid,
+                                                   bootstrap=bootstrap, seed=seed)
+        out["prediction"] = approach3.optimal_allocation(out["approach3"], target, _fpt(fpt))
+        out["prediction"]["target_flops_default"] = default
+    except FitError as e:  # no admissible fit: report it, the rest (approach 2, plots of the runs) goes on
+        out["approach3"] = {"error": str(e), "n_points": len(table)}
+        out["prediction"] = None
     try:
         fit2 = approach2.fit_approach2(table)
         out["approach2"] = fit2
@@ -62,7 +69,7 @@ def fit_all(table: Table, target_flops: float | None = None, *, grid=None, boots
     except FitError as e:
         out["approach2"] = {"error": str(e)}
         out["prediction_approach2"] = None
-    out["residuals"] = residuals(out["approach3"], table)
+    out["residuals"] = residuals(out["approach3"], table) if "error" not in out["approach3"] else []
     if holdout:
         out["holdout"] = holdout_check(table, grid=grid, fpt=fpt)
     return out
@@ -93,8 +100,13 @@ def holdout_check(table: Table, *, grid=None, fpt=None) -> dict:
         measured = None
         out["optimum_note"] = f"the held-out budget has no parabola minimum of its own ({e})"
     out["measured_optimum"] = measured
-    if len(train) >= approach3.N_PARAMS:
+    try:
+        if len(train) < approach3.N_PARAMS:
+            raise FitError(f"{len(train)} points without the largest budget, fewer than 5")
         f3 = approach3.fit_approach3(train.params, train.tokens, train.loss, grid=grid, bootstrap=0)
+    except FitError as e:
+        f3, out["approach3"] = None, {"error": str(e)}
+    if f3 is not None:
         pred = approach3.predict_loss(f3, test.params, test.tokens)
         err = pred / test.loss - 1.0
         a3 = {"fit": {k: f3[k] for k in approach3.NAMES},
@@ -105,8 +117,6 @@ def holdout_check(table: Table, *, grid=None, fpt=None) -> dict:
         if measured:
             a3["optimum_rel_error"] = {k: _rel(opt[k], measured[k]) for k in ("params", "tokens", "loss")}
         out["approach3"] = a3
-    else:
-        out["approach3"] = {"error": f"{len(train)} points without the largest budget, fewer than 5"}
     try:
         f2 = approach2.fit_approach2(train)
         opt = approach2.predict(f2, last)
@@ -138,8 +148,11 @@ def summary(fit: dict) -> list[str]:
         lo, hi = ci[k]
         return f" [{'?' if lo is None else f'{lo:.4g}'}, {'unbounded' if hi is None else f'{hi:.4g}'}]"
 
-    lines.append("approach 3: L = E + A/N^alpha + B/D^beta with " + ", ".join(
-        f"{k}={f3[k]:.4g}{band(k)}" for k in approach3.NAMES) + f" ({f3['n_points']} points)")
+    if "error" in f3:
+        lines.append(f"approach 3: not fitted ({f3['error']})")
+    else:
+        lines.append("approach 3: L = E + A/N^alpha + B/D^beta with " + ", ".join(
+            f"{k}={f3[k]:.4g}{band(k)}" for k in approach3.NAMES) + f" ({f3['n_points']} points)")
     f2 = fit["approach2"]
     if "error" in f2:
         lines.append(f"approach 2: not fitted ({f2['error']})")

@@ -53,13 +53,15 @@ def write_plots(fit: dict, table: Table, out_dir: str) -> list[str]:
     ax.legend(fontsize=8)
     paths.append(_save(fig, out_dir, FILES[0]))
 
-    target = fit["prediction"]["flops"]
+    target = fit["target_flops"]
+    has3 = "error" not in f3
     lo_c = min(budgets) / 2
     cs = np.exp(np.linspace(np.log(lo_c), np.log(max(target, max(budgets)) * 2), 60))
-    opt3 = [approach3.optimal_allocation(f3, c, _fpt(fit["flops_per_token"])) for c in cs]
+    opt3 = [approach3.optimal_allocation(f3, c, _fpt(fit["flops_per_token"])) for c in cs] if has3 else []
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
     for ax, key, label in ((axes[0], "params", "N*"), (axes[1], "tokens", "D*")):
-        ax.plot(cs, [o[key] for o in opt3], "C1--", label="approach 3 (optimal allocation)")
+        if has3:
+            ax.plot(cs, [o[key] for o in opt3], "C1--", label="approach 3 (optimal allocation)")
         if has2:
             y, lo, hi = approach2.evaluate_law(f2["laws"][key], cs, interval=True)
             slope = f2["a"] if key == "params" else f2["b"]
@@ -78,7 +80,8 @@ def write_plots(fit: dict, table: Table, out_dir: str) -> list[str]:
     for c in budgets:
         rows = table.subset(table.budget == c)
         ax.scatter(rows.flops, rows.loss, color=colors[c], alpha=0.8)
-    ax.plot(cs, [o["loss"] for o in opt3], "C1-", label="frontier (approach 3)")
+    if has3:
+        ax.plot(cs, [o["loss"] for o in opt3], "C1-", label="frontier (approach 3)")
     if has2:
         ax.plot(cs, approach2.evaluate_law(f2["laws"]["loss"], cs), "C0--", label="approach 2 minima law")
     ax.set(xscale="log", xlabel="compute C (FLOPs)", ylabel="loss", title="loss vs compute")
@@ -87,13 +90,18 @@ def write_plots(fit: dict, table: Table, out_dir: str) -> list[str]:
     paths.append(_save(fig, out_dir, FILES[2]))
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    pred = approach3.predict_loss(f3, table.params, table.tokens)
-    res = np.log(table.loss / pred)
-    for c in budgets:
-        sel = table.budget == c
-        ax.scatter(table.params[sel], res[sel], color=colors[c], label=f"C={c:.2g}")
+    if has3:
+        res = np.log(table.loss / approach3.predict_loss(f3, table.params, table.tokens))
+        for c in budgets:
+            sel = table.budget == c
+            ax.scatter(table.params[sel], res[sel], color=colors[c], label=f"C={c:.2g}")
+    else:  # the runs on the N axis, the reason in the title
+        for c in budgets:
+            sel = table.budget == c
+            ax.scatter(table.params[sel], np.zeros(int(sel.sum())), color=colors[c], marker="x", label=f"C={c:.2g}")
     ax.axhline(0, color="k", lw=0.8)
-    ax.set(xscale="log", xlabel="parameters N", ylabel="ln(loss / fit)", title="approach 3 residuals")
+    ax.set(xscale="log", xlabel="parameters N", ylabel="ln(loss / fit)",
+           title="approach 3 residuals" if has3 else "approach 3 not fitted (no fit with exponents >= 0)")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     paths.append(_save(fig, out_dir, FILES[3]))
