@@ -134,7 +134,7 @@ def fit_approach3(params, tokens, loss, *, grid: dict | None = None, bootstrap: 
     thetas, objs = minimise(grid_points(grid or GRID), data)
     ok = admissible(thetas, objs)
     if not ok.any():
-        i = int(np.nanargmin(np.where(np.isfinite(objs), objs, np.nan))) if np.isfinite(objs).any() else 0
+        i = int(np.argmin(np.where(np.isfinite(objs), objs, np.inf)))
         raise FitError(f"approach 3 found no fit with exponents >= 0 from any of {len(thetas)} starts (best: "
                        f"alpha={thetas[i, 3]:.4g}, beta={thetas[i, 4]:.4g}): the losses do not fall with N and D "
                        f"across the table; train the runs longer, evaluate on more batches, or plan a wider range "

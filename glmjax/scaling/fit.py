@@ -6,7 +6,7 @@
 * ``approach2``: ``a, b, minima, ci95`` (:mod:`glmjax.scaling.approach2`), or ``{"error": ...}`` when the
   table has no two budgets with an IsoFLOP minimum (published data without budgets);
 * ``approach3`` is ``{"error": ...}`` too when no fit with exponents >= 0 exists (losses that do not fall
-  with N and D); then ``prediction`` is None and ``residuals`` empty;
+  with N and D); then ``prediction`` is None and the ``residuals`` rows carry ``predicted: None``;
 * ``prediction`` (approach 3) and ``prediction_approach2``: ``flops, params, tokens, tokens_per_param,
   loss`` at ``target_flops`` (default: 10x the largest budget, marked ``target_flops_default``);
 * ``holdout``: both fits refitted without the largest budget, their error predicting that budget's
@@ -69,16 +69,18 @@ def fit_all(table: Table, target_flops: float | None = None, *, grid=None, boots
     except FitError as e:
         out["approach2"] = {"error": str(e)}
         out["prediction_approach2"] = None
-    out["residuals"] = residuals(out["approach3"], table) if "error" not in out["approach3"] else []
+    out["residuals"] = residuals(out["approach3"], table)
     if holdout:
         out["holdout"] = holdout_check(table, grid=grid, fpt=fpt)
     return out
 
 
 def residuals(fit3: dict, table: Table) -> list[dict]:
-    pred = approach3.predict_loss(fit3, table.params, table.tokens)
+    """Every run with approach 3's prediction and ln residual (both None when approach 3 is not fitted)."""
+    fitted = "error" not in fit3
+    pred = approach3.predict_loss(fit3, table.params, table.tokens) if fitted else [None] * len(table)
     return [{"run": r, "flops": float(c), "params": float(n), "tokens": float(d), "loss": float(l),
-             "predicted": float(p), "log_residual": float(math.log(l / p))}
+             "predicted": None if p is None else float(p), "log_residual": None if p is None else float(math.log(l / p))}
             for r, c, n, d, l, p in zip(table.run, table.budget, table.params, table.tokens, table.loss, pred)]
 
 

@@ -30,13 +30,9 @@ def write_report(plan_dir: str, target_flops=None, *, bootstrap: int = 200, grid
         lines += [f"| {m['flops']:.3g} | {m['params']:.4g} | {m['tokens']:.4g} | {m['loss']:.4f} | {m['n_points']} | "
                   f"{'yes' if m['inside'] else 'no (extrapolated)'} |" for m in f2["minima"]]
     lines += ["", "## Runs", "", "| run | N | D | FLOPs budget | loss | approach 3 | ln residual |", "|---|---|---|---|---|---|---|"]
-    if fit["residuals"]:
-        lines += [f"| {r['run']} | {r['params']:.4g} | {r['tokens']:.4g} | {r['flops']:.3g} | {r['loss']:.4f} | "
-                  f"{r['predicted']:.4f} | {r['log_residual']:+.4f} |" for r in fit["residuals"]]
-    else:  # approach 3 not fitted: the runs alone
-        table = read_table(results)
-        lines += [f"| {r} | {n:.4g} | {d:.4g} | {c:.3g} | {l:.4f} | not fitted | |"
-                  for r, n, d, c, l in zip(table.run, table.params, table.tokens, table.budget, table.loss)]
+    lines += [f"| {r['run']} | {r['params']:.4g} | {r['tokens']:.4g} | {r['flops']:.3g} | {r['loss']:.4f} | "
+              + ("not fitted | |" if r["predicted"] is None else f"{r['predicted']:.4f} | {r['log_residual']:+.4f} |")
+              for r in fit["residuals"]]
     lines += ["", "## Plots", ""] + [f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in plots]
     path = os.path.join(plan_dir, "report.md")
     with open(path, "w") as f:
